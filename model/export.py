@@ -1,0 +1,68 @@
+"""Export a trained network to ONNX with its :class:`~service.spec.ModelSpec` in the metadata."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from datetime import UTC, datetime
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from service.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+#: Pinned so an export reads the same in every ONNX Runtime the service supports.
+OPSET = 18
+
+
+def export_onnx(net: nn.Module, spec: ModelSpec, path: str | Path) -> Path:
+    """Export ``net`` (eval mode, BN folded into the convs) with a dynamic batch axis.
+
+    The spec's build-time fields (opset, torch version, build date) are filled in here.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    spec = spec.model_copy(
+        update={
+            "onnx_opset": OPSET,
+            "torch_version": torch.__version__,
+            "build_date": spec.build_date or datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+    )
+    was_training = net.training
+    net = net.eval().cpu()
+    example = torch.zeros(2, spec.channels, spec.input_size, spec.input_size)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the exporter is chatty about internals we do not use
+            program = torch.onnx.export(
+                net,
+                (example,),
+                input_names=[spec.input_name],
+                output_names=[spec.output_name],
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                opset_version=OPSET,
+                dynamo=True,
+                optimize=True,
+                verbose=False,
+            )
+    finally:
+        net.train(was_training)
+    proto = program.model_proto
+    # Rename the symbolic batch dim so clients see "batch", not an exporter-generated name.
+    for value in list(proto.graph.input) + list(proto.graph.output):
+        dim0 = value.type.tensor_type.shape.dim[0]
+        dim0.ClearField("dim_value")
+        dim0.dim_param = "batch"
+    del proto.metadata_props[:]
+    for key, value in spec.to_metadata().items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.producer_name = "sepconv-serve"
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, path)
+    log.info("exported %s (%s, opset %d)", path, spec.name, OPSET)
+    return path

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One-time (idempotent) set-up on a fresh Debian machine: system packages and the virtualenv.
+# Called by `make serve` and `make test`; safe to run again, it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+FMNIST_DIR=/usr/share/datasets/fashion-mnist
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+  echo "setup: need root for: $*" >&2; return 1; fi; }
+
+# Debian packages: the default data set, and the offline tools the checks use.
+need_apt=()
+[ -f "$FMNIST_DIR/t10k-labels-idx1-ubyte.gz" ] || need_apt+=(dataset-fashion-mnist)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${need_apt[*]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating virtualenv $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+stamp="$VENV/.sepconv-installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  # torch first and exactly pinned: an unpinned resolve would pull a CUDA build of several GB.
+  "$VENV/bin/pip" install -q --disable-pip-version-check "torch==2.13.0"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[cpu,build,test,bench]"
+  touch "$stamp"
+fi
+echo "setup: ok ($("$VENV/bin/python" -c 'import torch, onnxruntime; print("torch", torch.__version__, "| onnxruntime", onnxruntime.__version__)'))"

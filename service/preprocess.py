@@ -1,0 +1,130 @@
+"""Image bytes to model input: the single preprocessing implementation.
+
+Training (``model.data``) and serving both call these functions, so a served image goes through
+exactly the resize, colour conversion and normalisation the network was trained with. The
+parameters come from the model's :class:`service.spec.ModelSpec`.
+
+Stages, each a function so the service can time them separately:
+``decode`` (bytes -> upright PIL image) -> ``prepare`` (colour mode + resize -> uint8 HxWxC)
+-> ``normalize`` (uint8 -> float32 CxHxW, batched or not).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Protocol
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+class PreprocessSpec(Protocol):
+    input_size: int
+    color_mode: str
+    mean: list[float]
+    std: list[float]
+    resize: str
+    resample: str
+
+
+class ImageError(ValueError):
+    """The bytes are not an image we can use; the message is safe to show to the client."""
+
+
+class ImageTooLargeError(ImageError):
+    """The image declares more pixels than the configured limit (decompression-bomb guard)."""
+
+
+def decode(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Decode bytes into a fully loaded, upright image.
+
+    The pixel limit is checked on the header, before any pixel data is decompressed.
+    """
+    if not data:
+        raise ImageError("empty image body")
+    try:
+        with warnings.catch_warnings():
+            # Pillow's own bomb warning is replaced by our explicit limit below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageTooLargeError(
+                    f"image is {width}x{height} = {width * height} pixels; "
+                    f"the limit is {max_pixels}"
+                )
+            if getattr(img, "n_frames", 1) > 1:
+                img.seek(0)  # animated formats: classify the first frame
+            img.load()
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(str(exc)) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError("cannot identify image format") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # Truncated files raise OSError("image file is truncated ..."), broken headers SyntaxError.
+        raise ImageError(f"cannot decode image: {exc}") from exc
+    # Phone cameras store rotation in EXIF instead of rotating the pixels.
+    return ImageOps.exif_transpose(img)
+
+
+def _to_mode(img: Image.Image, color_mode: str) -> Image.Image:
+    """Convert any Pillow mode to ``L`` or ``RGB`` without losing range or mixing in garbage."""
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit greyscale: Pillow's convert("L") clips at 255 instead of scaling.
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif mode == "P" or mode == "PA":
+        img = img.convert("RGBA")
+    elif mode == "CMYK":
+        img = img.convert("RGB")
+    if img.mode in ("RGBA", "LA", "La", "RGBa"):
+        # Transparent pixels become black: the background Fashion-MNIST was drawn on.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert(color_mode)
+
+
+def prepare(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """Colour-convert and resize to the model's input: uint8 array of shape (H, W, C)."""
+    img = _to_mode(img, spec.color_mode)
+    size = (spec.input_size, spec.input_size)
+    if img.size != size:
+        method = _RESAMPLE[spec.resample]
+        if spec.resize == "center-crop":
+            img = ImageOps.fit(img, size, method=method, centering=(0.5, 0.5))
+        elif spec.resize == "stretch":
+            img = img.resize(size, method)
+        else:
+            raise ValueError(f"unknown resize policy {spec.resize!r}")
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def normalize(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """uint8 (..., H, W, C) -> float32 (..., C, H, W), scaled to [0, 1] then standardised."""
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    std = np.asarray(spec.std, dtype=np.float32)
+    x = pixels.astype(np.float32) * np.float32(1.0 / 255.0)
+    x = (x - mean) / std
+    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+
+
+def preprocess_bytes(data: bytes, spec: PreprocessSpec, *, max_pixels: int) -> np.ndarray:
+    """All three stages for one image: bytes -> float32 (C, H, W)."""
+    return normalize(prepare(decode(data, max_pixels=max_pixels), spec), spec)

@@ -1,0 +1,97 @@
+"""The metadata contract and the shared preprocessing."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from service.preprocess import ImageError, ImageTooLargeError, decode, normalize, prepare
+from service.spec import ModelSpec, SpecError, read_spec
+
+from .conftest import TINY_LABELS, png_bytes
+
+
+def _spec(**kw) -> ModelSpec:
+    base = dict(labels=["a", "b"], input_size=4, color_mode="L", mean=[0.5], std=[0.25], alpha=1.0)
+    return ModelSpec(**(base | kw))
+
+
+def test_metadata_round_trip_through_onnx_file(tiny_model_path):
+    spec = read_spec(str(tiny_model_path))
+    assert spec.labels == TINY_LABELS
+    assert (spec.input_size, spec.color_mode, spec.stem_stride, spec.alpha) == (28, "L", 1, 0.25)
+    assert spec.onnx_opset == 18 and spec.torch_version and spec.build_date
+    props = {p.key: p.value for p in onnx.load(str(tiny_model_path)).metadata_props}
+    assert ModelSpec.from_metadata(props) == spec
+
+
+def test_spec_errors_name_the_key():
+    md = _spec().to_metadata()
+    with pytest.raises(SpecError, match="no sepconv metadata"):
+        ModelSpec.from_metadata({})
+    with pytest.raises(SpecError, match="sepconv.labels"):
+        ModelSpec.from_metadata(md | {"sepconv.labels": "[]"})
+    with pytest.raises(SpecError, match="not valid JSON"):
+        ModelSpec.from_metadata(md | {"sepconv.mean": "[0.5"})
+    with pytest.raises(SpecError, match="schema"):
+        ModelSpec.from_metadata(md | {"sepconv.schema": "99"})
+    with pytest.raises(ValueError, match="mean/std"):
+        _spec(color_mode="RGB")
+
+
+def test_normalize_matches_formula_and_layout():
+    spec = _spec(color_mode="RGB", mean=[0.1, 0.2, 0.3], std=[0.5, 0.5, 0.25])
+    px = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    out = normalize(px, spec)
+    assert out.shape == (2, 3, 4, 4) and out.dtype == np.float32
+    expected = (px[1, 2, 3, 1] / 255 - 0.2) / 0.5
+    assert out[1, 1, 2, 3] == pytest.approx(expected, rel=1e-6)
+
+
+def test_prepare_resizes_with_center_crop_and_stretch():
+    img = Image.fromarray(np.zeros((10, 20), np.uint8))
+    assert prepare(img, _spec(input_size=5)).shape == (5, 5, 1)
+    wide = np.zeros((10, 20), np.uint8)
+    wide[:, :5] = 255  # only the left quarter is bright: centre-crop cuts it away
+    assert prepare(Image.fromarray(wide), _spec(input_size=10)).max() == 0
+    assert prepare(Image.fromarray(wide), _spec(input_size=10, resize="stretch")).max() > 0
+
+
+@pytest.mark.parametrize(
+    "mode, pixel",
+    [("I;16", 65535), ("RGBA", (255, 255, 255, 0)), ("P", 3), ("CMYK", (0, 0, 0, 0)), ("1", 1)],
+)
+def test_unusual_modes_decode_to_model_mode(mode, pixel):
+    img = Image.new(mode, (6, 6), pixel)
+    buf = io.BytesIO()
+    img.save(buf, format="TIFF" if mode in ("CMYK", "I;16") else "PNG")
+    arr = prepare(decode(buf.getvalue(), max_pixels=10_000), _spec(input_size=6))
+    assert arr.shape == (6, 6, 1)
+    expected = {"I;16": 255, "RGBA": 0, "CMYK": 255, "1": 255}
+    if mode in expected:
+        assert int(arr[0, 0, 0]) == expected[mode]
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("L", (8, 4), 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif.tobytes())
+    assert decode(buf.getvalue(), max_pixels=1000).size == (4, 8)
+
+
+def test_decode_errors():
+    good = png_bytes(np.zeros((50, 50), np.uint8))
+    with pytest.raises(ImageError, match="empty"):
+        decode(b"", max_pixels=10_000)
+    with pytest.raises(ImageError, match="identify"):
+        decode(b"not an image at all", max_pixels=10_000)
+    with pytest.raises(ImageError):
+        decode(good[: len(good) // 2], max_pixels=10_000)
+    with pytest.raises(ImageTooLargeError, match="2500 pixels"):
+        decode(good, max_pixels=2499)
