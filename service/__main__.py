@@ -1,0 +1,89 @@
+"""``python -m service`` / ``sepconv-serve``: check the configuration, then run uvicorn.
+
+The model is checked before uvicorn starts, so a missing or corrupt file exits at once with one
+clear line (status 1) instead of a lifespan traceback; a bad setting exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from pydantic import ValidationError
+
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+# CLI flags become SEPCONV_* variables so that every uvicorn worker process sees them.
+FLAGS = {
+    "--model-path": "SEPCONV_MODEL_PATH",
+    "--host": "SEPCONV_HOST",
+    "--port": "SEPCONV_PORT",
+    "--workers": "SEPCONV_WORKERS",
+    "--provider": "SEPCONV_PROVIDER",
+    "--log-level": "SEPCONV_LOG_LEVEL",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sepconv-serve",
+        description="Serve an ONNX MobileNetV1. Every setting is also a SEPCONV_* env var "
+        "(see README, Serving).",
+    )
+    for flag, env in FLAGS.items():
+        parser.add_argument(flag, help=f"overrides {env}")
+    args = parser.parse_args(argv)
+    for flag, env in FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            os.environ[env] = value
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"sepconv-serve: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+    from service.runtime import ModelLoadError, choose_providers
+    from service.spec import SpecError, read_spec
+
+    try:
+        if not settings.model_path.is_file():
+            raise ModelLoadError(
+                f"model file {settings.model_path} does not exist; build one with "
+                "`python -m model build` or set SEPCONV_MODEL_PATH"
+            )
+        read_spec(str(settings.model_path))
+        choose_providers(settings.provider)
+    except (ModelLoadError, SpecError) as exc:
+        print(f"sepconv-serve: cannot start: {exc}", file=sys.stderr)
+        return 1
+
+    import uvicorn
+
+    uvicorn.run(
+        "service.main:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_level=settings.log_level,
+        # The event loop does the per-request work; uvloop and httptools make it cheaper.
+        loop="auto",
+        http="auto",
+        access_log=False,
+    )
+    # uvicorn returns after a failed start-up instead of raising.
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""HTTP layer: routers in ``routes/``, dependency aliases in ``deps``, ASGI middleware."""

@@ -1,0 +1,211 @@
+"""``POST /v1/classify``: one or several images in, top-k labels out.
+
+The hot path builds the response with orjson directly: no pydantic round trip per request. The
+pydantic models below exist for the OpenAPI schema only.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import orjson
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, Field
+from starlette.datastructures import UploadFile
+from starlette.responses import Response
+
+from service.api.deps import NOT_READY_DETAIL, BatcherDep, RuntimeDep, SettingsDep
+from service.errors import APIError, error_example
+from service.pipeline import infer_probabilities, is_supported_image_type, preprocess_images_async
+from service.postprocess import top_k as take_top_k
+from service.settings import Settings
+
+router = APIRouter(tags=["classify"])
+
+SUPPORTED_HINT = "send multipart/form-data with field `file`, or the image as the raw body"
+
+
+class Prediction(BaseModel):
+    label: str = Field(examples=["Ankle boot"])
+    index: int = Field(examples=[9])
+    probability: float = Field(examples=[0.93])
+
+
+class ImageResult(BaseModel):
+    filename: str | None = Field(description="Multipart file name; null for a raw body.")
+    predictions: list[Prediction]
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class ClassifyResponse(BaseModel):
+    model: ModelRef
+    results: list[ImageResult] = Field(description="One entry per image, in request order.")
+
+
+EXAMPLE = {
+    "model": {"name": "mobilenet_v1-fashion-mnist", "version": "1"},
+    "results": [
+        {
+            "filename": "boot.png",
+            "predictions": [
+                {"label": "Ankle boot", "index": 9, "probability": 0.93},
+                {"label": "Sneaker", "index": 7, "probability": 0.05},
+            ],
+        }
+    ],
+}
+
+REQUEST_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "file": {
+                        "type": "array",
+                        "items": {"type": "string", "format": "binary"},
+                        "description": "One or several images (repeat the field).",
+                    }
+                },
+                "required": ["file"],
+            }
+        },
+        "image/*": {
+            "schema": {"type": "string", "format": "binary"},
+            "example": "<PNG/JPEG/WebP/TIFF/BMP/GIF bytes>",
+        },
+    },
+}
+
+RESPONSES = {
+    200: {"content": {"application/json": {"example": EXAMPLE}}},
+    **error_example(
+        400, "invalid_image", "cannot decode image: image file is truncated", "Bad image."
+    ),
+    **error_example(
+        413,
+        "body_too_large",
+        "the request body exceeds the limit of 10485760 bytes",
+        "Body over SEPCONV_MAX_BODY_BYTES, or image over SEPCONV_MAX_PIXELS "
+        "(error `image_too_large`).",
+    ),
+    **error_example(
+        415,
+        "unsupported_media_type",
+        "content type text/plain is not supported; " + SUPPORTED_HINT,
+        "Neither multipart nor a supported image type.",
+    ),
+    **error_example(
+        422,
+        "invalid_parameter",
+        "query.top_k: Input should be greater than or equal to 1",
+        "Bad parameter, or no `file` field.",
+    ),
+    429: {
+        "description": "Batch queue full; retry after the `Retry-After` seconds.",
+        "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+        "content": {
+            "application/json": {
+                "example": {
+                    "error": "overloaded",
+                    "detail": "the batch queue is full (512 images waiting); retry later",
+                }
+            }
+        },
+    },
+    **error_example(503, "not_ready", NOT_READY_DETAIL, "Model not loaded yet."),
+    **error_example(
+        504,
+        "timeout",
+        "no result within 10 s; the server is overloaded",
+        "The image waited longer than SEPCONV_REQUEST_TIMEOUT_S.",
+    ),
+}
+
+
+def _media_type(value: str | None) -> str:
+    return (value or "").split(";", 1)[0].strip().lower()
+
+
+def _unsupported(media: str) -> APIError:
+    shown = media or "(none)"
+    return APIError(
+        415,
+        "unsupported_media_type",
+        f"content type {shown} is not supported; {SUPPORTED_HINT}",
+    )
+
+
+async def _read_multipart(request: Request, settings: Settings) -> tuple[list[bytes], list[str]]:
+    blobs: list[bytes] = []
+    names: list[str] = []
+    async with request.form(max_files=settings.max_images_per_request, max_fields=16) as form:
+        parts = form.getlist("file")
+        if not parts:
+            raise APIError(422, "missing_file", "the multipart body has no `file` field")
+        for part in parts:
+            if not isinstance(part, UploadFile):
+                raise APIError(422, "invalid_parameter", "`file` must be a file upload")
+            media = _media_type(part.content_type)
+            if media not in ("", "application/octet-stream") and not is_supported_image_type(media):
+                raise _unsupported(media)
+            blobs.append(await part.read())
+            names.append(part.filename or "")
+    return blobs, names
+
+
+@router.post(
+    "/v1/classify",
+    summary="Classify images",
+    description=(
+        "Send one or several images as `multipart/form-data` (field `file`, repeatable), or one "
+        "image as the raw body with its `image/*` Content-Type (the fastest path). Each image "
+        "is decoded, colour-converted, resized and normalised exactly as in training (from the "
+        "model's metadata), batched with concurrent requests, and answered with its `top_k` "
+        "most probable labels. EXIF orientation, alpha, palette, 16-bit and CMYK are handled."
+    ),
+    response_model=ClassifyResponse,
+    responses=RESPONSES,
+    openapi_extra={"requestBody": REQUEST_BODY},
+)
+async def classify(
+    request: Request,
+    runtime: RuntimeDep,
+    batcher: BatcherDep,
+    settings: SettingsDep,
+    top_k: Annotated[
+        int,
+        Query(ge=1, description="Labels per image; clamped to the number of classes."),
+    ] = 5,
+) -> Response:
+    media = _media_type(request.headers.get("content-type"))
+    if media == "multipart/form-data":
+        blobs, names = await _read_multipart(request, settings)
+    elif media.startswith("image/") and is_supported_image_type(media):
+        blobs, names = [await request.body()], []
+    else:
+        raise _unsupported(media)
+
+    spec = runtime.spec
+    batch = await preprocess_images_async(
+        blobs,
+        spec,
+        max_pixels=settings.max_pixels,
+        inline_max_bytes=settings.inline_decode_max_bytes,
+        names=names,
+    )
+    probs = await infer_probabilities(batcher, batch)
+    results = [
+        {
+            "filename": names[i] if names else None,
+            "predictions": take_top_k(p, top_k, spec.labels),
+        }
+        for i, p in enumerate(probs)
+    ]
+    body = {"model": {"name": spec.name, "version": spec.version}, "results": results}
+    return Response(orjson.dumps(body), media_type="application/json")

@@ -1,0 +1,89 @@
+"""What is being served: identity, labels, input contract, providers, card figures."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+
+from service.api.deps import NOT_READY_DETAIL, RuntimeDep
+from service.errors import error_example
+from service.runtime import ModelRuntime
+
+router = APIRouter(tags=["model"])
+
+
+class InputSpec(BaseModel):
+    name: str = Field(description="ONNX input name.", examples=["input"])
+    shape: list[int | str] = Field(
+        description="NCHW; the batch axis is dynamic.", examples=[["batch", 1, 28, 28]]
+    )
+    dtype: str = Field(examples=["float32"])
+    color_mode: str = Field(description="L (grey) or RGB.", examples=["L"])
+    size: int = Field(description="Square input side in pixels.", examples=[28])
+    resize: str = Field(examples=["center-crop"])
+    resample: str = Field(examples=["bilinear"])
+    mean: list[float] = Field(examples=[[0.286]])
+    std: list[float] = Field(examples=[[0.353]])
+
+
+class ModelInfo(BaseModel):
+    name: str = Field(examples=["mobilenet_v1-fashion-mnist"])
+    version: str = Field(examples=["1"])
+    labels: list[str] = Field(examples=[["T-shirt/top", "Trouser", "Pullover"]])
+    num_classes: int = Field(examples=[10])
+    input: InputSpec
+    providers: list[str] = Field(
+        description="Execution providers onnxruntime really uses, in priority order.",
+        examples=[["CPUExecutionProvider"]],
+    )
+    alpha: float = Field(description="Width multiplier.", examples=[0.5])
+    accuracy: float | None = Field(description="Test accuracy from the card.", examples=[0.91])
+    precision: str = Field(examples=["fp32"])
+    dataset: str = Field(examples=["fashion-mnist"])
+    recipe: str = Field(examples=["quick"])
+    epochs: int = Field(examples=[8])
+    build_date: str = Field(examples=["2026-01-01T00:00:00Z"])
+    path: str = Field(examples=["artifacts/model.onnx"])
+
+
+def describe(runtime: ModelRuntime) -> ModelInfo:
+    spec = runtime.spec
+    return ModelInfo(
+        name=spec.name,
+        version=spec.version,
+        labels=spec.labels,
+        num_classes=spec.num_classes,
+        input=InputSpec(
+            name=spec.input_name,
+            shape=["batch", spec.channels, spec.input_size, spec.input_size],
+            dtype="float32",
+            color_mode=spec.color_mode,
+            size=spec.input_size,
+            resize=spec.resize,
+            resample=spec.resample,
+            mean=spec.mean,
+            std=spec.std,
+        ),
+        providers=runtime.providers,
+        alpha=spec.alpha,
+        accuracy=spec.test_accuracy,
+        precision=spec.precision,
+        dataset=spec.dataset,
+        recipe=spec.recipe,
+        epochs=spec.epochs,
+        build_date=spec.build_date,
+        path=str(runtime.path),
+    )
+
+
+@router.get(
+    "/v1/models",
+    summary="Describe the served model",
+    description="Name, version, labels, input contract (size, colour mode, normalisation), "
+    "the execution providers that really run it, width multiplier and test accuracy, all "
+    "read from the ONNX file's metadata.",
+    response_model=ModelInfo,
+    responses=error_example(503, "not_ready", NOT_READY_DETAIL, "Model not loaded yet."),
+)
+async def get_model(runtime: RuntimeDep) -> ModelInfo:
+    return describe(runtime)

@@ -1,0 +1,208 @@
+"""Dynamic batching: many concurrent requests, one ORT run.
+
+Modelled on Ray Serve's ``serve/batching.py``: callers put ``(item, future)`` on one asyncio queue
+and await the future; one worker task collects items until the batch is full or the wait deadline
+(monotonic clock, started at the first item's arrival) passes, runs the model once in a worker
+thread, checks the result count, and resolves each future in order. A failed batch fails every
+future in it. Cancelled futures (the caller timed out or disconnected) are skipped.
+
+Two choices differ from Ray Serve:
+- An idle queue never waits: a lone request runs at once, so concurrency 1 pays no
+  ``max_wait``. Under load the queue fills while the previous batch runs, so batches form
+  without waiting anyway.
+- The queue is bounded and a full queue answers at once (429 + Retry-After) instead of letting
+  latency grow without limit (BentoML sheds load the same way).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from service.metrics import (
+    BATCH_QUEUE_DEPTH,
+    BATCH_QUEUE_WAIT,
+    BATCH_REJECTED,
+    BATCH_SIZE,
+    IMAGES_CLASSIFIED,
+)
+
+log = logging.getLogger(__name__)
+
+
+class BatcherError(RuntimeError):
+    """Base class of the batcher's errors."""
+
+
+class QueueFullError(BatcherError):
+    """The queue is at its bound; the client should retry after ``retry_after_s``."""
+
+    def __init__(self, depth: int, retry_after_s: int) -> None:
+        super().__init__(f"the batch queue is full ({depth} images waiting); retry later")
+        self.retry_after_s = retry_after_s
+
+
+class RequestTimeoutError(BatcherError):
+    """The result did not come within the per-request timeout."""
+
+
+class BatchFailedError(BatcherError):
+    """The model run for the batch holding this request failed (a server fault)."""
+
+
+class Batcher:
+    """``await submit(x)`` with ``x`` float32 (C, H, W) returns that image's logits."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[np.ndarray], np.ndarray],
+        *,
+        max_batch_size: int = 32,
+        max_wait_s: float = 0.002,
+        max_queue_size: int = 512,
+        timeout_s: float = 10.0,
+    ) -> None:
+        if max_batch_size < 1 or max_queue_size < 1 or max_wait_s < 0 or timeout_s <= 0:
+            raise ValueError("batcher limits must be positive")
+        self._run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue_size = max_queue_size
+        self.timeout_s = timeout_s
+        self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future, float]] = asyncio.Queue(
+            maxsize=max_queue_size
+        )
+        # One thread: batches run one after another, and ORT spreads each over its own threads.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sepconv-infer")
+        self._worker: asyncio.Task | None = None
+        self._last_batch_s = 0.0  # recent batch duration, for Retry-After
+
+    # --- lifecycle
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(
+                self._work(), name="sepconv-batcher"
+            )
+
+    async def stop(self) -> None:
+        """Stop the worker; queued requests fail instead of hanging."""
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+            self._worker = None
+        while not self._queue.empty():
+            _, fut, _ = self._queue.get_nowait()
+            if not fut.done():
+                fut.set_exception(BatchFailedError("the server is shutting down"))
+        BATCH_QUEUE_DEPTH.set(0)
+        self._executor.shutdown(wait=True)
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    # --- caller side
+    async def submit(self, x: np.ndarray) -> np.ndarray:
+        if self._worker is None or self._worker.done():
+            raise BatchFailedError("the batch worker is not running")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+        try:
+            self._queue.put_nowait((x, fut, time.monotonic()))
+        except asyncio.QueueFull:
+            BATCH_REJECTED.labels("queue_full").inc()
+            raise QueueFullError(self.max_queue_size, self._retry_after()) from None
+        BATCH_QUEUE_DEPTH.set(self._queue.qsize())
+        # A timer that fails the future is cheaper than asyncio.wait_for (no extra task); a done
+        # future is skipped by the worker, and so is one cancelled by a client disconnect.
+        timer = loop.call_later(self.timeout_s, self._expire, fut)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+
+    def _expire(self, fut: asyncio.Future) -> None:
+        if not fut.done():
+            BATCH_REJECTED.labels("timeout").inc()
+            fut.set_exception(
+                RequestTimeoutError(
+                    f"no result within {self.timeout_s:g} s; the server is overloaded"
+                )
+            )
+
+    def _retry_after(self) -> int:
+        """Seconds until the queue has likely drained (at least 1, HTTP wants an integer)."""
+        batches = math.ceil(self._queue.qsize() / self.max_batch_size)
+        return max(1, math.ceil(batches * self._last_batch_s))
+
+    # --- worker side
+    async def _collect(self) -> list[tuple[np.ndarray, asyncio.Future, float]]:
+        queue = self._queue
+        batch = [await queue.get()]
+        while len(batch) < self.max_batch_size and not queue.empty():
+            batch.append(queue.get_nowait())
+        if len(batch) > 1 and len(batch) < self.max_batch_size and self.max_wait_s > 0:
+            # Others are arriving: give stragglers until the first arrival's deadline.
+            deadline = batch[0][2] + self.max_wait_s
+            while len(batch) < self.max_batch_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(queue.get(), remaining))
+                except TimeoutError:
+                    break
+                while len(batch) < self.max_batch_size and not queue.empty():
+                    batch.append(queue.get_nowait())
+        BATCH_QUEUE_DEPTH.set(queue.qsize())
+        return batch
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            collected = await self._collect()
+            now = time.monotonic()
+            live = [item for item in collected if not item[1].done()]
+            if not live:
+                continue
+            for _, _, enqueued in live:
+                BATCH_QUEUE_WAIT.observe(now - enqueued)
+            BATCH_SIZE.observe(len(live))
+            try:
+                x = np.stack([item[0] for item in live]) if len(live) > 1 else live[0][0][None]
+                out = await loop.run_in_executor(self._executor, self._run_batch, x)
+                if len(out) != len(live):
+                    raise BatchFailedError(
+                        f"the model returned {len(out)} results for a batch of {len(live)}"
+                    )
+            except asyncio.CancelledError:
+                for _, fut, _ in live:
+                    if not fut.done():
+                        fut.set_exception(BatchFailedError("the server is shutting down"))
+                raise
+            except Exception as exc:
+                log.exception("batch of %d failed", len(live))
+                err = (
+                    exc
+                    if isinstance(exc, BatchFailedError)
+                    else BatchFailedError(
+                        f"inference failed for a batch of {len(live)}: {type(exc).__name__}: {exc}"
+                    )
+                )
+                for _, fut, _ in live:
+                    if not fut.done():
+                        fut.set_exception(err)
+                continue
+            self._last_batch_s = time.monotonic() - now
+            IMAGES_CLASSIFIED.inc(len(live))
+            for i, (_, fut, _) in enumerate(live):
+                if not fut.done():  # cancelled while the batch ran
+                    fut.set_result(out[i])

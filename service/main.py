@@ -1,0 +1,113 @@
+"""Builds the FastAPI app: lifespan (load, warm up, batcher), middleware, error handlers, routers.
+
+To add endpoints, write ``service/api/routes/<name>.py`` exposing ``router = APIRouter()`` and
+add one import to ``ROUTERS`` below.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.api.middleware import BodySizeLimitMiddleware
+from service.api.routes import classify, health, models
+from service.batcher import Batcher
+from service.errors import install_error_handlers
+from service.metrics import MODEL_INFO, MetricsMiddleware
+from service.runtime import ModelRuntime
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+#: Every router the app serves; one line per module.
+ROUTERS = [
+    health.router,
+    models.router,
+    classify.router,
+]
+
+DESCRIPTION = """\
+Image classification with a MobileNetV1 (depthwise-separable CNN) on ONNX Runtime.
+
+Labels and preprocessing come from the model file's own metadata. Errors are JSON
+`{"error": "<code>", "detail": "<sentence>"}`; Prometheus metrics are at `/metrics`.
+"""
+
+
+def load_runtime(settings: Settings) -> ModelRuntime:
+    return ModelRuntime(
+        settings.model_path,
+        provider=settings.provider,
+        intra_op_threads=settings.resolved_intra_op_threads,
+        inter_op_threads=settings.inter_op_threads,
+        spinning=settings.ort_spinning,
+    )
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    app.state.ready = False
+    start = time.perf_counter()
+    # Blocking on purpose: nothing is served before the model loads, and a failure here must
+    # stop start-up (uvicorn exits non-zero) rather than leave a server that can never be ready.
+    runtime = load_runtime(settings)
+    warm = runtime.warm_up((1, settings.max_batch_size), runs=settings.warmup_runs)
+    batcher = Batcher(
+        runtime.run,
+        max_batch_size=settings.max_batch_size,
+        max_wait_s=settings.max_wait_ms / 1000,
+        max_queue_size=settings.max_queue_size,
+        timeout_s=settings.request_timeout_s,
+    )
+    batcher.start()
+    app.state.runtime = runtime
+    app.state.batcher = batcher
+    MODEL_INFO.info(
+        {
+            "name": runtime.spec.name,
+            "version": runtime.spec.version,
+            "provider": runtime.providers[0],
+            "precision": runtime.spec.precision,
+        }
+    )
+    app.state.ready = True
+    log.info(
+        "ready in %.2f s (warm-up %.3f s): %s v%s on %s, batch<=%d, wait<=%g ms",
+        time.perf_counter() - start,
+        warm,
+        runtime.spec.name,
+        runtime.spec.version,
+        runtime.providers,
+        settings.max_batch_size,
+        settings.max_wait_ms,
+    )
+    try:
+        yield
+    finally:
+        # Not ready first, so a load balancer stops sending while queued requests drain.
+        app.state.ready = False
+        await batcher.stop()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    app = FastAPI(
+        title="sepconv-serve",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.ready = False
+    install_error_handlers(app)
+    for router in ROUTERS:
+        app.include_router(router)
+    # Added last = outermost: metrics see every response, including early 413s.
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, router_app=app.router)
+    return app

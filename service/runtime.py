@@ -1,0 +1,159 @@
+"""ONNX Runtime session wrapper: load, check against the metadata contract, warm up, run.
+
+After creating the session we read back ``get_providers()``: ORT silently falls back to CPU when a
+requested provider cannot start, and an operator must be able to see what really runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.metrics import INFERENCE_DURATION
+from service.spec import ModelSpec, SpecError, read_spec
+
+log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be served; the message says why and what to do."""
+
+
+def choose_providers(provider: str) -> list[str]:
+    """Providers to request, CPU last so ORT can place unsupported nodes there."""
+    available = ort.get_available_providers()
+    if provider == "cpu":
+        return [CPU]
+    if provider == "cuda":
+        if CUDA not in available:
+            raise ModelLoadError(
+                "SEPCONV_PROVIDER=cuda but this onnxruntime build offers only "
+                f"{available}; install onnxruntime-gpu and a CUDA driver, or use auto/cpu"
+            )
+        return [CUDA, CPU]
+    if provider == "auto":
+        return [CUDA, CPU] if CUDA in available else [CPU]
+    raise ModelLoadError(f"unknown provider {provider!r}; expected auto, cpu or cuda")
+
+
+class ModelRuntime:
+    """A loaded model: ``spec`` from its metadata, ``providers`` that really run it."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        provider: str = "auto",
+        intra_op_threads: int = 1,
+        inter_op_threads: int = 1,
+        spinning: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelLoadError(
+                f"model file {self.path} does not exist; build one with "
+                "`python -m model build` or set SEPCONV_MODEL_PATH"
+            )
+        try:
+            self.spec: ModelSpec = read_spec(str(self.path))
+        except SpecError as exc:
+            raise ModelLoadError(f"cannot serve {self.path}: {exc}") from exc
+
+        requested = choose_providers(provider)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = inter_op_threads
+        spin = "1" if spinning else "0"
+        opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=requested)
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
+            raise ModelLoadError(f"onnxruntime cannot load {self.path}: {exc}") from exc
+
+        self.providers: list[str] = list(self.session.get_providers())
+        if provider == "cuda" and self.providers[0] != CUDA:
+            raise ModelLoadError(
+                f"SEPCONV_PROVIDER=cuda but onnxruntime fell back to {self.providers}; "
+                "check the CUDA/cuDNN libraries (see the onnxruntime warning above)"
+            )
+        if requested[0] != self.providers[0]:
+            log.warning("requested %s but onnxruntime runs %s", requested, self.providers)
+        self._check_io()
+        self._output_names = [self.spec.output_name]
+        self.intra_op_threads = intra_op_threads
+        self.inter_op_threads = inter_op_threads
+        log.info(
+            "loaded %s (%s v%s, %s, %dpx %s, %d classes) on %s, intra_op_threads=%d",
+            self.path,
+            self.spec.name,
+            self.spec.version,
+            self.spec.precision,
+            self.spec.input_size,
+            self.spec.color_mode,
+            self.spec.num_classes,
+            self.providers,
+            intra_op_threads,
+        )
+
+    def _check_io(self) -> None:
+        """The graph must agree with its own metadata, or every answer would be wrong."""
+        spec = self.spec
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        if spec.input_name not in inputs or spec.output_name not in outputs:
+            raise ModelLoadError(
+                f"{self.path}: metadata names input {spec.input_name!r} and output "
+                f"{spec.output_name!r}, the graph has {list(inputs)} -> {list(outputs)}"
+            )
+        shape = inputs[spec.input_name].shape
+        expected = [spec.channels, spec.input_size, spec.input_size]
+        if len(shape) != 4 or [d for d in shape[1:] if isinstance(d, int)] != expected:
+            raise ModelLoadError(
+                f"{self.path}: graph input shape {shape} does not match the metadata "
+                f"(N, {spec.channels}, {spec.input_size}, {spec.input_size})"
+            )
+        out_shape = outputs[spec.output_name].shape
+        if isinstance(out_shape[-1], int) and out_shape[-1] != spec.num_classes:
+            raise ModelLoadError(
+                f"{self.path}: graph outputs {out_shape[-1]} classes, metadata lists "
+                f"{spec.num_classes} labels"
+            )
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.spec.channels, self.spec.input_size, self.spec.input_size)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """float32 (N, C, H, W) -> logits (N, num_classes). Blocking: call from a worker thread."""
+        start = time.perf_counter()
+        out = self.session.run(self._output_names, {self.spec.input_name: batch})[0]
+        INFERENCE_DURATION.observe(time.perf_counter() - start)
+        return out
+
+    def warm_up(self, batch_sizes: tuple[int, ...] = (1,), runs: int = 2) -> float:
+        """Run each batch size ``runs`` times so the first user does not pay for allocation.
+
+        Returns the seconds it took. Uses ``session.run`` directly to keep warm-up out of the
+        inference histogram.
+        """
+        start = time.perf_counter()
+        for n in sorted(set(batch_sizes)):
+            x = np.zeros((n, *self.input_shape), dtype=np.float32)
+            for _ in range(runs):
+                out = self.session.run(self._output_names, {self.spec.input_name: x})[0]
+                if out.shape != (n, self.spec.num_classes):
+                    raise ModelLoadError(
+                        f"{self.path}: warm-up output shape {out.shape}, expected "
+                        f"({n}, {self.spec.num_classes})"
+                    )
+        return time.perf_counter() - start

@@ -1,0 +1,109 @@
+"""Every knob of the service, in one place, read from ``SEPCONV_*`` environment variables.
+
+Validation fails fast at start-up: a typo in a value stops the server with a message naming the
+variable, instead of surfacing as a confusing error under load.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Provider = Literal["auto", "cpu", "cuda"]
+LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
+
+
+def available_cores() -> int:
+    """Cores this process may run on (the affinity mask, not the host's count: containers)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Settings(BaseSettings):
+    """Service configuration. Each field is the env var ``SEPCONV_<FIELD NAME IN CAPITALS>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SEPCONV_",
+        extra="ignore",
+        frozen=True,
+        protected_namespaces=(),
+        validate_default=True,
+    )
+
+    # --- model and runtime
+    model_path: Path = Field(Path("artifacts/model.onnx"), description="ONNX model to serve.")
+    provider: Provider = Field(
+        "auto", description="auto: CUDA when onnxruntime offers it, else CPU. cuda: CUDA or fail."
+    )
+    intra_op_threads: int = Field(
+        0,
+        ge=0,
+        description="ORT threads inside one operator; 0 = cores / workers (never oversubscribed).",
+    )
+    inter_op_threads: int = Field(
+        1, ge=1, description="ORT threads across operators; MobileNet is a chain, so 1."
+    )
+    ort_spinning: bool = Field(
+        False,
+        description="Let idle ORT threads busy-wait. Off by default: spinning steals the "
+        "cores the event loop needs to decode the next requests.",
+    )
+    warmup_runs: int = Field(2, ge=0, description="Warm-up inferences per batch shape.")
+
+    # --- HTTP server
+    host: str = Field("127.0.0.1", description="Listen address.")
+    port: int = Field(8000, ge=1, le=65535, description="Listen port.")
+    workers: int = Field(1, ge=1, description="Uvicorn worker processes (each loads the model).")
+    log_level: LogLevel = Field("info", description="Log level for the service and uvicorn.")
+
+    # --- input limits
+    max_body_bytes: int = Field(10 * 1024 * 1024, gt=0, description="Largest request body.")
+    max_pixels: int = Field(
+        40_000_000, gt=0, description="Largest decoded image (width x height); bomb guard."
+    )
+    max_images_per_request: int = Field(
+        16, ge=1, description="Most images in one multipart request."
+    )
+    inline_decode_max_bytes: int = Field(
+        16 * 1024,
+        ge=0,
+        description="Images up to this size are decoded on the event loop; larger ones in a "
+        "thread (a thread hop costs more than decoding a small image).",
+    )
+
+    # --- batcher
+    max_batch_size: int = Field(32, ge=1, description="Most images in one ORT run.")
+    max_wait_ms: float = Field(
+        2.0,
+        ge=0,
+        description="How long a batch waits for company after its first request, when others "
+        "are already queued. An idle queue never waits.",
+    )
+    max_queue_size: int = Field(
+        512, ge=1, description="Queued images before new ones get 429 (load shedding)."
+    )
+    request_timeout_s: float = Field(
+        10.0, gt=0, description="Longest an image may wait for its result before a 504."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.max_queue_size < self.max_batch_size:
+            raise ValueError(
+                f"max_queue_size ({self.max_queue_size}) must be at least max_batch_size "
+                f"({self.max_batch_size}), or no batch could ever fill"
+            )
+        return self
+
+    @property
+    def resolved_intra_op_threads(self) -> int:
+        """Explicit value, else the cores divided among the worker processes."""
+        if self.intra_op_threads:
+            return self.intra_op_threads
+        return max(1, available_cores() // self.workers)
