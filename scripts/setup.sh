@@ -14,6 +14,8 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; t
 # Debian packages: the default data set, and the offline tools the checks use.
 need_apt=()
 [ -f "$FMNIST_DIR/t10k-labels-idx1-ubyte.gz" ] || need_apt+=(dataset-fashion-mnist)
+# promtool lints the /metrics exposition in the tests (tests skip the check without it).
+command -v promtool >/dev/null || need_apt+=(prometheus)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need_apt[*]}"
   as_root apt-get update -qq
