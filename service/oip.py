@@ -30,6 +30,7 @@ import base64
 import binascii
 import math
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +104,32 @@ def model_metadata(spec: ModelSpec) -> dict[str, Any]:
 
 
 # --- request ----------------------------------------------------------------------------------
+
+
+def decompress(body: bytes, encoding: str | None, *, max_bytes: int) -> bytes:
+    """Undo a request ``Content-Encoding`` (tritonclient can send gzip or deflate bodies).
+
+    The output is capped at ``max_bytes`` while inflating, so a small compressed body cannot
+    expand into gigabytes (413).
+    """
+    coding = (encoding or "identity").strip().lower()
+    if coding == "identity":
+        return body
+    if coding == "gzip":
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    elif coding == "deflate":  # HTTP "deflate" is the zlib format (RFC 9110 8.4.1.2)
+        inflater = zlib.decompressobj(zlib.MAX_WBITS)
+    else:
+        raise OIPError(f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none", 415)
+    try:
+        out = inflater.decompress(body, max_bytes + 1)
+    except zlib.error as exc:
+        raise OIPError(f"request body is not valid {coding} data: {exc}") from None
+    if len(out) > max_bytes:
+        raise OIPError(f"decompressed request body exceeds the limit of {max_bytes} bytes", 413)
+    if not inflater.eof:
+        raise OIPError(f"request body is truncated {coding} data")
+    return out
 
 
 def parse_request(body: bytes, header_length: str | None, spec: ModelSpec) -> InferRequest:

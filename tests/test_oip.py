@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import gzip
 import struct
 
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 from tritonclient.http import InferenceServerClient, InferInput, InferRequestedOutput
 
 from service import oip
+from service.batcher import BatchFailedError, QueueFullError, RequestTimeoutError
 from service.spec import ModelSpec
 
 LABELS = ["circle", "square", "cross"]
@@ -295,3 +298,385 @@ def test_metadata_documents():
     server = oip.server_metadata("1.2.3")
     assert server["version"] == "1.2.3"
     assert {"binary_tensor_data", "classification"} <= set(server["extensions"])
+
+
+# --- the routes, in-process --------------------------------------------------------------------
+
+
+def _settings(model_path, **overrides):
+    from service.settings import Settings
+
+    return Settings(model_path=model_path, provider="cpu", warmup_runs=0, **overrides)
+
+
+@pytest.fixture(scope="module")
+def client(tiny_model_path):
+    from fastapi.testclient import TestClient
+
+    from service.main import create_app
+
+    with TestClient(create_app(_settings(tiny_model_path))) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def tiny_spec(tiny_model_path) -> ModelSpec:
+    from service.spec import read_spec
+
+    return read_spec(str(tiny_model_path))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_path):
+    """Probabilities from a plain ORT session on the same file: what the server must return."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tiny_model_path), providers=["CPUExecutionProvider"])
+
+    def run(x: np.ndarray) -> np.ndarray:
+        logits = session.run(None, {session.get_inputs()[0].name: x})[0].astype(np.float64)
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    return run
+
+
+def _pixels(spec: ModelSpec, n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    shape = (n, spec.channels, spec.input_size, spec.input_size)
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def _preprocessed(images: list[bytes], spec: ModelSpec) -> np.ndarray:
+    from service.preprocess import preprocess_bytes
+
+    return np.stack([preprocess_bytes(i, spec, max_pixels=10**7) for i in images])
+
+
+def _infer_url(spec: ModelSpec) -> str:
+    return f"/v2/models/{spec.name}/infer"
+
+
+def test_routes_metadata_and_health(client, tiny_spec):
+    server = client.get("/v2").json()
+    assert server["name"] == "sepconv-serve"
+    assert {"binary_tensor_data", "classification"} <= set(server["extensions"])
+    assert client.get("/v2/health/live").json() == {"live": True}
+    assert client.get("/v2/health/ready").status_code == 200
+    meta = client.get(f"/v2/models/{tiny_spec.name}").json()
+    assert meta == oip.model_metadata(tiny_spec)
+    assert meta["inputs"][0]["shape"] == [-1, 1, 28, 28]
+    versioned = client.get(f"/v2/models/{tiny_spec.name}/versions/{tiny_spec.version}")
+    assert versioned.json() == meta
+    ready = client.get(f"/v2/models/{tiny_spec.name}/ready")
+    assert ready.status_code == 200 and ready.json() == {"name": tiny_spec.name, "ready": True}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v2/models/resnet50",
+        "/v2/models/resnet50/ready",
+        "/v2/models/tiny-l/versions/999",
+        "/v2/models/tiny-l/versions/999/ready",
+    ],
+)
+def test_unknown_model_or_version_is_404(client, path):
+    response = client.get(path)
+    assert response.status_code == 404
+    assert set(response.json()) == {"error"}
+    assert "999" in response.json()["error"] or "resnet50" in response.json()["error"]
+    post = client.post(path.removesuffix("/ready") + "/infer", content=orjson.dumps(_tensor()))
+    assert post.status_code == 404 and "error" in post.json()
+
+
+def test_json_tensor_infer_matches_ort(client, tiny_spec, reference):
+    x = _pixels(tiny_spec, 3)
+    doc = {
+        "id": "q1",
+        "inputs": [
+            {
+                "name": "input",
+                "datatype": "FP32",
+                "shape": list(x.shape),
+                "data": x.ravel().tolist(),
+            }
+        ],
+    }
+    response = client.post(_infer_url(tiny_spec), content=orjson.dumps(doc))
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert body["id"] == "q1" and body["model_name"] == tiny_spec.name
+    (out,) = body["outputs"]
+    assert out["name"] == "probabilities" and out["datatype"] == "FP32" and out["shape"] == [3, 3]
+    probs = np.array(out["data"], np.float64).reshape(3, 3)
+    np.testing.assert_allclose(probs, reference(x), rtol=1e-5, atol=1e-6)
+
+
+def test_binary_image_infer_matches_ort_on_the_same_preprocessing(
+    client, tiny_spec, reference, make_png
+):
+    images = [make_png(seed=1, size=40), make_png(seed=2, size=28, mode="RGB")]
+    body, header = encode(
+        [image_input(images, binary=True)],
+        [InferRequestedOutput("probabilities", binary_data=True)],
+    )
+    response = client.post(_infer_url(tiny_spec), content=body, headers={oip.HEADER_LENGTH: header})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/octet-stream"
+    header_len = int(response.headers[oip.HEADER_LENGTH])
+    probs = decode(response.content, header_len).as_numpy("probabilities")
+    expected = reference(_preprocessed(images, tiny_spec))
+    np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_gzip_request_body_is_accepted(client, tiny_spec, reference):
+    x = _pixels(tiny_spec, 1, seed=3)
+    body, header = encode(
+        [fp32_input(x, binary=True)], [InferRequestedOutput("probabilities", binary_data=False)]
+    )
+    response = client.post(
+        _infer_url(tiny_spec),
+        content=gzip.compress(body),
+        headers={oip.HEADER_LENGTH: header, "Content-Encoding": "gzip"},
+    )
+    assert response.status_code == 200, response.text
+    probs = np.array(response.json()["outputs"][0]["data"]).reshape(1, 3)
+    np.testing.assert_allclose(probs, reference(x), rtol=1e-5, atol=1e-6)
+
+
+GZIPPED = gzip.compress(orjson.dumps(_tensor()))
+
+
+@pytest.mark.parametrize(
+    ("content", "headers", "status", "needle"),
+    [
+        (b"{oops", {}, 400, "not valid JSON"),
+        (orjson.dumps(_tensor()), {}, 400, "shape must be [N,1,28,28]"),
+        (orjson.dumps({"inputs": [{"name": "x"}]}), {}, 400, "unknown input 'x'"),
+        (orjson.dumps(_image()), {}, 400, "cannot identify image format"),
+        (orjson.dumps(_tensor()), {oip.HEADER_LENGTH: "-3"}, 400, "length of the JSON part"),
+        (orjson.dumps(_tensor()), {"Content-Encoding": "br"}, 415, "Content-Encoding"),
+        (b"plain text", {"Content-Encoding": "gzip"}, 400, "not valid gzip"),
+        (GZIPPED[:-12], {"Content-Encoding": "gzip"}, 400, "truncated gzip"),
+    ],
+)
+def test_bad_infer_requests_are_4xx_json(client, tiny_spec, content, headers, status, needle):
+    response = client.post(_infer_url(tiny_spec), content=content, headers=headers)
+    assert response.status_code == status
+    assert needle in response.json()["error"]
+
+
+def test_oversized_and_decompression_bomb_bodies_are_413(tiny_model_path, tiny_spec):
+    from fastapi.testclient import TestClient
+
+    from service.main import create_app
+
+    with TestClient(create_app(_settings(tiny_model_path, max_body_bytes=4096))) as c:
+        big = c.post(_infer_url(tiny_spec), content=b" " * 5000)
+        assert big.status_code == 413 and "error" in big.json()
+        bomb = gzip.compress(b" " * 100_000)
+        assert len(bomb) < 4096
+        r = c.post(_infer_url(tiny_spec), content=bomb, headers={"Content-Encoding": "gzip"})
+        assert r.status_code == 413 and "4096" in r.json()["error"]
+
+
+def test_too_many_rows_for_the_queue_is_413(tiny_model_path, tiny_spec):
+    from fastapi.testclient import TestClient
+
+    from service.main import create_app
+
+    settings = _settings(tiny_model_path, max_batch_size=2, max_queue_size=4)
+    with TestClient(create_app(settings)) as c:
+        x = _pixels(tiny_spec, 5)
+        body, header = encode([fp32_input(x, binary=True)])
+        r = c.post(_infer_url(tiny_spec), content=body, headers={oip.HEADER_LENGTH: header})
+        assert r.status_code == 413 and "at most 4" in r.json()["error"]
+
+
+@contextlib.contextmanager
+def swapped_state(client, **values):
+    """Swap ``app.state`` attributes for a while (monkeypatch cannot restore a Starlette State)."""
+    state = client.app.state
+    saved = {name: getattr(state, name) for name in values}
+    for name, value in values.items():
+        setattr(state, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(state, name, value)
+
+
+class _FailingBatcher:
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    async def submit(self, x):
+        raise self.exc
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "retry_after"),
+    [
+        (QueueFullError(512, 3), 429, "3"),
+        (RequestTimeoutError("no result in 10 s"), 504, None),
+        (BatchFailedError("ORT exploded"), 500, None),
+    ],
+)
+def test_batcher_errors_map_to_status_codes(client, tiny_spec, exc, status, retry_after):
+    x = _pixels(tiny_spec, 2)
+    body, header = encode([fp32_input(x, binary=True)])
+    with swapped_state(client, batcher=_FailingBatcher(exc)):
+        r = client.post(_infer_url(tiny_spec), content=body, headers={oip.HEADER_LENGTH: header})
+    assert r.status_code == status
+    assert str(exc) in r.json()["error"]
+    assert r.headers.get("retry-after") == retry_after
+
+
+def test_not_ready_is_503(client, tiny_spec):
+    with swapped_state(client, ready=False):
+        assert client.get("/v2/health/ready").status_code == 503
+        assert client.get("/v2/health/live").status_code == 200
+        r = client.post(_infer_url(tiny_spec), content=orjson.dumps(_tensor()))
+        assert client.get(f"/v2/models/{tiny_spec.name}/ready").status_code == 503
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert client.get("/v2/health/ready").status_code == 200
+
+
+# --- the real tritonclient against a real server ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server_url(tiny_model_path):
+    """uvicorn on a free loopback port in a background thread, stopped at teardown."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from service.main import create_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        create_app(_settings(tiny_model_path)), host="127.0.0.1", port=port, log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    yield f"127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def triton(server_url):
+    c = InferenceServerClient(server_url)
+    yield c
+    c.close()
+
+
+def test_tritonclient_health_and_metadata(triton, tiny_spec):
+    assert triton.is_server_live()
+    assert triton.is_server_ready()
+    assert triton.is_model_ready(tiny_spec.name)
+    assert triton.is_model_ready(tiny_spec.name, model_version=tiny_spec.version)
+    assert not triton.is_model_ready("resnet50")
+    server = triton.get_server_metadata()
+    assert "binary_tensor_data" in server["extensions"]
+    meta = triton.get_model_metadata(tiny_spec.name)
+    assert meta["platform"] == "onnxruntime_onnx"
+    assert [i["name"] for i in meta["inputs"]] == ["input", "image"]
+
+
+def test_tritonclient_unknown_model_raises_with_404(triton):
+    from tritonclient.utils import InferenceServerException
+
+    x = np.zeros((1, 1, 28, 28), np.float32)
+    with pytest.raises(InferenceServerException) as info:
+        triton.infer("resnet50", [fp32_input(x, binary=True)])
+    assert info.value.status() == "404"
+    assert "resnet50" in info.value.message()
+
+
+@pytest.mark.parametrize("binary_in", [False, True], ids=["json-in", "binary-in"])
+@pytest.mark.parametrize("binary_out", [False, True], ids=["json-out", "binary-out"])
+def test_tritonclient_fp32_tensor(triton, tiny_spec, reference, binary_in, binary_out):
+    x = _pixels(tiny_spec, 4, seed=10)
+    result = triton.infer(
+        tiny_spec.name,
+        [fp32_input(x, binary_in)],
+        outputs=[InferRequestedOutput("probabilities", binary_data=binary_out)],
+        request_id="r-7",
+    )
+    assert result.get_response()["id"] == "r-7"
+    probs = result.as_numpy("probabilities")
+    assert probs.dtype == np.float32 and probs.shape == (4, 3)
+    np.testing.assert_allclose(probs, reference(x), rtol=1e-5, atol=1e-6)
+
+
+def test_tritonclient_default_outputs_and_versioned_url(triton, tiny_spec, reference):
+    x = _pixels(tiny_spec, 1, seed=11)
+    result = triton.infer(tiny_spec.name, [fp32_input(x, True)], model_version=tiny_spec.version)
+    np.testing.assert_allclose(result.as_numpy("probabilities"), reference(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json-base64", "binary"])
+def test_tritonclient_image_input(triton, tiny_spec, reference, make_png, binary):
+    images = [make_png(seed=s, size=28 + 4 * s) for s in range(3)]
+    result = triton.infer(
+        tiny_spec.name,
+        [image_input(images, binary)],
+        outputs=[InferRequestedOutput("probabilities", binary_data=binary)],
+    )
+    expected = reference(_preprocessed(images, tiny_spec))
+    np.testing.assert_allclose(result.as_numpy("probabilities"), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_tritonclient_classification(triton, tiny_spec, reference, binary):
+    x = _pixels(tiny_spec, 2, seed=12)
+    result = triton.infer(
+        tiny_spec.name,
+        [fp32_input(x, binary)],
+        outputs=[InferRequestedOutput("probabilities", binary_data=binary, class_count=2)],
+    )
+    got = result.as_numpy("probabilities")
+    assert got.shape == (2, 2)
+    expected = reference(x)
+    for row, strings in enumerate(got):
+        parsed = [(s.decode() if isinstance(s, bytes) else s).split(":") for s in strings]
+        top = np.argsort(-expected[row], kind="stable")[:2]
+        assert [int(p[1]) for p in parsed] == top.tolist()
+        assert [p[2] for p in parsed] == [tiny_spec.labels[i] for i in top]
+        np.testing.assert_allclose([float(p[0]) for p in parsed], expected[row, top], atol=1e-6)
+
+
+def test_tritonclient_gzip_request(triton, tiny_spec, reference):
+    x = _pixels(tiny_spec, 2, seed=13)
+    result = triton.infer(
+        tiny_spec.name, [fp32_input(x, True)], request_compression_algorithm="gzip"
+    )
+    np.testing.assert_allclose(result.as_numpy("probabilities"), reference(x), rtol=1e-5, atol=1e-6)
+
+
+def test_tritonclient_concurrent_requests_get_their_own_results(server_url, tiny_spec, reference):
+    """Concurrent requests share batches in the batcher; each must get back its own rows."""
+    c = InferenceServerClient(server_url, concurrency=8)
+    try:
+        xs = [_pixels(tiny_spec, 1 + i % 3, seed=100 + i) for i in range(24)]
+        pending = [c.async_infer(tiny_spec.name, [fp32_input(x, True)]) for x in xs]
+        for x, p in zip(xs, pending, strict=True):
+            probs = p.get_result().as_numpy("probabilities")
+            np.testing.assert_allclose(probs, reference(x), rtol=1e-5, atol=1e-6)
+    finally:
+        c.close()
