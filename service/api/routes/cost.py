@@ -1,0 +1,135 @@
+"""``GET /v1/cost``: what the served network costs, counted from its own graph.
+
+The static report is computed once per model file (cached by path, mtime and size); the
+measured side runs only on ``?profile=true``, in a private ONNX Runtime session on a worker
+thread, one profile at a time.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Query, Response
+from starlette.concurrency import run_in_threadpool
+
+from service.api.deps import NOT_READY_DETAIL, RuntimeDep
+from service.cost import (
+    DEFAULT_PROFILE_RUNS,
+    MAX_PROFILE_RUNS,
+    CostError,
+    CostReport,
+    profile_model,
+    render,
+    report_for_file,
+)
+from service.errors import APIError, error_example
+
+router = APIRouter(tags=["model"])
+
+Format = Literal["json", "markdown", "text"]
+_MEDIA = {"json": "application/json", "markdown": "text/markdown", "text": "text/plain"}
+_BY_MEDIA = {
+    "application/json": "json",
+    "text/markdown": "markdown",
+    "text/plain": "text",
+    "application/*": "json",
+    "text/*": "markdown",
+    "*/*": "json",
+}
+# One profile at a time: each one saturates the cores it is given for a second or more.
+_profile_lock = threading.Lock()
+
+
+def negotiate(fmt: str | None, accept: str | None) -> Format:
+    """``format`` wins; otherwise the Accept entry with the highest q we can serve; JSON default."""
+    if fmt is not None:
+        if fmt not in _MEDIA:
+            raise APIError(
+                400, "invalid_format", f"format must be json, markdown or text, got {fmt!r}"
+            )
+        return fmt  # type: ignore[return-value]
+    if not accept:
+        return "json"
+    ranked = []
+    for position, part in enumerate(accept.split(",")):
+        media, *params = (p.strip() for p in part.split(";"))
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if media.lower() in _BY_MEDIA and q > 0:
+            ranked.append((-q, position, _BY_MEDIA[media.lower()]))
+    if not ranked:
+        raise APIError(
+            406,
+            "not_acceptable",
+            f"cannot answer Accept: {accept}; this endpoint serves application/json, "
+            "text/markdown and text/plain",
+        )
+    return min(ranked)[2]
+
+
+@router.get(
+    "/v1/cost",
+    summary="Compute cost of the served model",
+    description="Exact mult-adds and parameters of every Conv/Gemm/MatMul layer, counted from "
+    "the served ONNX graph with shape inference at batch 1; each depthwise + pointwise pair "
+    "against the standard conv it replaces (ratio checked exactly against 1/N + 1/Dk^2); "
+    "totals, the same network with full convs, and shares per layer kind. With "
+    "`profile=true`, also time per layer kind from ONNX Runtime's profiler. JSON by default; "
+    "`format=markdown|text` or `Accept: text/markdown` gives a readable table.",
+    response_model=CostReport,
+    responses={
+        200: {"content": {"text/markdown": {}, "text/plain": {}}},
+        **error_example(400, "invalid_format", "format must be json, markdown or text", "Bad."),
+        **error_example(429, "profile_busy", "a profile is already running", "One at a time."),
+        **error_example(503, "not_ready", NOT_READY_DETAIL, "Model not loaded yet."),
+    },
+)
+async def get_cost(
+    runtime: RuntimeDep,
+    format: Annotated[
+        str | None, Query(description="json, markdown or text; overrides Accept.")
+    ] = None,
+    profile: Annotated[bool, Query(description="Also profile with ONNX Runtime.")] = False,
+    runs: Annotated[
+        int, Query(ge=1, le=MAX_PROFILE_RUNS, description="Profiled inferences (median).")
+    ] = DEFAULT_PROFILE_RUNS,
+    accept: Annotated[str | None, Header()] = None,
+):
+    fmt = negotiate(format, accept)
+    try:
+        report = await run_in_threadpool(report_for_file, runtime.path)
+    except CostError as exc:
+        raise APIError(500, "cost_unavailable", f"cannot cost the served model: {exc}") from exc
+    if profile:
+        if not _profile_lock.acquire(blocking=False):
+            raise APIError(
+                429,
+                "profile_busy",
+                "a profile is already running; retry when it finishes",
+                headers={"Retry-After": "2"},
+            )
+        try:
+            measured = await run_in_threadpool(
+                profile_model,
+                runtime.path,
+                report,
+                runs=runs,
+                intra_op_threads=getattr(runtime, "intra_op_threads", 1) or 1,
+                providers=runtime.providers,
+            )
+        finally:
+            _profile_lock.release()
+        report = report.model_copy(update={"profile": measured})
+    headers = {"Vary": "Accept"}
+    if fmt == "json":
+        return Response(report.model_dump_json(), media_type="application/json", headers=headers)
+    return Response(
+        render(report, fmt), media_type=f"{_MEDIA[fmt]}; charset=utf-8", headers=headers
+    )
