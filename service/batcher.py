@@ -71,7 +71,7 @@ class Batcher:
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_wait_s < 0 or timeout_s <= 0:
             raise ValueError("batcher limits must be positive")
-        self._run_batch = run_batch
+        self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue_size = max_queue_size
@@ -178,7 +178,7 @@ class Batcher:
             BATCH_SIZE.observe(len(live))
             try:
                 x = np.stack([item[0] for item in live]) if len(live) > 1 else live[0][0][None]
-                out = await loop.run_in_executor(self._executor, self._run_batch, x)
+                out = await loop.run_in_executor(self._executor, self.run_batch, x)
                 if len(out) != len(live):
                     raise BatchFailedError(
                         f"the model returned {len(out)} results for a batch of {len(live)}"

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service.api.middleware import BodySizeLimitMiddleware
-from service.api.routes import classify, health, models
+from service.api.routes import classify, cost, health, models, oip
 from service.batcher import Batcher
 from service.errors import install_error_handlers
 from service.metrics import MODEL_INFO, MetricsMiddleware
@@ -28,6 +28,8 @@ ROUTERS = [
     health.router,
     models.router,
     classify.router,
+    cost.router,
+    oip.router,
 ]
 
 DESCRIPTION = """\
@@ -107,7 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
-    # Added last = outermost: metrics see every response, including early 413s.
+    # Added last = outermost: metrics time everything, body-limit 413s included.
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, router_app=app.router)
+    app.add_middleware(MetricsMiddleware)
     return app

@@ -1,15 +1,17 @@
 """Request body limit as pure ASGI middleware, so an oversized body is never buffered.
 
-A declared ``Content-Length`` over the limit is refused before the app reads a byte; a chunked
-body (no length) is counted while it streams and refused the moment it crosses the limit.
+The check sits in ``receive``: a declared ``Content-Length`` over the limit fails the very first
+read, before a byte of the body is pulled off the socket; a chunked body (no length) is counted
+while it streams and fails the moment it crosses the limit. Failing inside the app's body read,
+after routing, lets the usual error handler answer (JSON, and the metrics get the route
+template). Starlette's ``RequestBodyLimitMiddleware`` works the same way but answers plain text.
 """
 
 from __future__ import annotations
 
-import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import APIError, error_body
+from service.errors import APIError
 
 
 def body_too_large(limit: int) -> APIError:
@@ -26,50 +28,30 @@ class BodySizeLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limit = self.limit
+        declared = None
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
                     declared = int(value)
                 except ValueError:
-                    declared = -1
-                if declared > limit:
-                    await self._reject(scope, send, body_too_large(limit))
-                    return
-                if declared >= 0:
-                    # The server enforces Content-Length framing, so no counting is needed.
-                    await self.app(scope, receive, send)
-                    return
+                    declared = None  # the HTTP server refuses malformed framing itself
                 break
+        if declared is not None and declared <= limit:
+            # The server enforces Content-Length framing, so there is nothing to count.
+            await self.app(scope, receive, send)
+            return
 
         received = 0
 
-        async def counting_receive() -> Message:
+        async def limited_receive() -> Message:
             nonlocal received
+            if declared is not None:
+                raise body_too_large(limit)  # refused before reading any of it
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    # Raised inside the app's body read: the app's error handler answers 413.
                     raise body_too_large(limit)
             return message
 
-        await self.app(scope, counting_receive, send)
-
-    @staticmethod
-    async def _reject(scope: Scope, send: Send, exc: APIError) -> None:
-        path = scope.get("path", "")
-        body = orjson.dumps(
-            {"error": exc.detail} if path.startswith("/v2") else error_body(exc.error, exc.detail)
-        )
-        await send(
-            {
-                "type": "http.response.start",
-                "status": exc.status_code,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await self.app(scope, limited_receive, send)

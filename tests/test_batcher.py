@@ -1,0 +1,256 @@
+"""The dynamic batcher on its own, with fake models whose behaviour the tests control."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+
+from service.batcher import Batcher, BatchFailedError, QueueFullError, RequestTimeoutError
+
+
+def _sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+class FakeModel:
+    """Logits = per-image pixel sums, so every answer identifies its own input."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.batches: list[np.ndarray] = []
+        self.threads: set[str] = set()
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.gate.wait(5)
+        self.threads.add(threading.current_thread().name)
+        self.batches.append(x.copy())
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        s = x.reshape(len(x), -1).sum(axis=1)
+        return np.stack([s, -s], axis=1)
+
+
+def _image(value: float) -> np.ndarray:
+    return np.full((1, 4, 4), value, dtype=np.float32)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _with_batcher(model, body, **kw):
+    batcher = Batcher(model, **kw)
+    batcher.start()
+    try:
+        return await body(batcher)
+    finally:
+        await batcher.stop()
+
+
+def test_concurrent_requests_get_their_own_results_in_batches():
+    model = FakeModel(delay_s=0.002)
+
+    async def body(b: Batcher):
+        async def one(i: int):
+            await asyncio.sleep((i % 7) * 0.0005)  # staggered arrivals, varied batch make-up
+            return i, await b.submit(_image(i))
+
+        return await asyncio.gather(*(one(i) for i in range(100)))
+
+    results = run(_with_batcher(model, body, max_batch_size=8, max_wait_s=0.001))
+    for i, logits in results:
+        assert logits.shape == (2,)
+        assert logits[0] == pytest.approx(16 * i)  # 4x4 pixels of value i
+    sizes = [len(x) for x in model.batches]
+    assert sum(sizes) == 100
+    assert max(sizes) > 1 and max(sizes) <= 8
+    # ORT must never run on the event loop thread.
+    assert model.threads and all(t.startswith("sepconv-infer") for t in model.threads)
+
+
+def test_idle_queue_does_not_wait_for_max_wait():
+    model = FakeModel()
+
+    async def body(b: Batcher):
+        start = time.perf_counter()
+        out = await b.submit(_image(1))
+        return out, time.perf_counter() - start
+
+    out, elapsed = run(_with_batcher(model, body, max_wait_s=1.0))
+    assert out[0] == 16
+    assert elapsed < 0.5  # a lone request would otherwise sit out the full second
+
+
+def test_stragglers_join_a_forming_batch_until_the_deadline():
+    model = FakeModel()
+
+    async def body(b: Batcher):
+        model.gate.clear()  # hold the first batch so two requests queue up behind it
+        first = asyncio.create_task(b.submit(_image(0)))
+        await asyncio.sleep(0.05)
+        pair = [asyncio.create_task(b.submit(_image(v))) for v in (1, 2)]
+        await asyncio.sleep(0.01)
+        model.gate.set()
+        await first
+        await asyncio.sleep(0.02)  # well inside the 0.5 s window of the pair's first arrival
+        late = asyncio.create_task(b.submit(_image(3)))
+        return await asyncio.gather(*pair, late)
+
+    results = run(_with_batcher(model, body, max_batch_size=8, max_wait_s=0.5))
+    assert [r[0] for r in results] == [16, 32, 48]
+    assert [len(x) for x in model.batches] == [1, 3]
+
+
+def test_full_queue_rejects_at_once():
+    model = FakeModel()
+    before = _sample("sepconv_batch_rejected_total", reason="queue_full")
+
+    async def body(b: Batcher):
+        model.gate.clear()
+        running = asyncio.create_task(b.submit(_image(0)))
+        await asyncio.sleep(0.05)  # the worker has taken it and is blocked in the model
+        queued = [asyncio.create_task(b.submit(_image(v))) for v in (1, 2)]
+        await asyncio.sleep(0)
+        start = time.perf_counter()
+        with pytest.raises(QueueFullError) as info:
+            await b.submit(_image(9))
+        elapsed = time.perf_counter() - start
+        model.gate.set()
+        done = await asyncio.gather(running, *queued)
+        return info.value, elapsed, done
+
+    err, elapsed, done = run(_with_batcher(model, body, max_batch_size=1, max_queue_size=2))
+    assert elapsed < 0.05 and err.retry_after_s >= 1
+    assert [d[0] for d in done] == [0, 16, 32]
+    assert _sample("sepconv_batch_rejected_total", reason="queue_full") == before + 1
+
+
+def test_timed_out_request_fails_and_is_dropped_from_the_batch():
+    model = FakeModel()
+    before = _sample("sepconv_batch_rejected_total", reason="timeout")
+
+    async def body(b: Batcher):
+        model.gate.clear()
+        blocker = asyncio.create_task(b.submit(_image(0)))
+        await asyncio.sleep(0.02)
+        with pytest.raises(RequestTimeoutError, match="no result within"):
+            await b.submit(_image(7))
+        model.gate.set()
+        with pytest.raises(RequestTimeoutError):
+            await blocker  # it also waited past the timeout inside the model
+        return await b.submit(_image(2))  # the worker carries on
+
+    out = run(_with_batcher(model, body, max_batch_size=4, timeout_s=0.1))
+    assert out[0] == 32
+    seen = np.concatenate(model.batches)[:, 0, 0, 0].tolist()
+    assert 7.0 not in seen  # the expired request never reached the model
+    assert _sample("sepconv_batch_rejected_total", reason="timeout") == before + 2
+
+
+def test_cancelled_request_is_skipped():
+    model = FakeModel()
+
+    async def body(b: Batcher):
+        model.gate.clear()
+        blocker = asyncio.create_task(b.submit(_image(0)))
+        await asyncio.sleep(0.02)
+        doomed = asyncio.create_task(b.submit(_image(5)))
+        kept = asyncio.create_task(b.submit(_image(6)))
+        await asyncio.sleep(0.01)
+        doomed.cancel()  # a client that disconnected
+        model.gate.set()
+        return await asyncio.gather(blocker, kept)
+
+    results = run(_with_batcher(model, body, max_batch_size=4))
+    assert [r[0] for r in results] == [0, 96]
+    seen = np.concatenate(model.batches)[:, 0, 0, 0].tolist()
+    assert seen == [0.0, 6.0]
+
+
+def test_failed_batch_fails_every_request_in_it_and_the_worker_survives():
+    calls = []
+
+    def flaky(x: np.ndarray) -> np.ndarray:
+        calls.append(len(x))
+        if len(calls) == 1:
+            time.sleep(0.05)  # let the next requests queue up into one batch
+            return np.zeros((len(x), 2), np.float32)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory")
+        return np.ones((len(x), 2), np.float32)
+
+    async def body(b: Batcher):
+        first = asyncio.create_task(b.submit(_image(0)))
+        await asyncio.sleep(0.01)
+        batch = [asyncio.create_task(b.submit(_image(v))) for v in range(3)]
+        await first
+        outcomes = await asyncio.gather(*batch, return_exceptions=True)
+        after = await b.submit(_image(1))
+        return outcomes, after
+
+    outcomes, after = run(_with_batcher(flaky, body, max_batch_size=8))
+    assert calls[1] == 3
+    assert all(isinstance(o, BatchFailedError) for o in outcomes)
+    assert "CUDA out of memory" in str(outcomes[0])
+    assert after.tolist() == [1.0, 1.0]
+
+
+def test_wrong_result_count_is_a_batch_failure():
+    def short(x: np.ndarray) -> np.ndarray:
+        return np.zeros((len(x) + 1, 2), np.float32)
+
+    async def body(b: Batcher):
+        with pytest.raises(BatchFailedError, match="returned 2 results for a batch of 1"):
+            await b.submit(_image(0))
+
+    run(_with_batcher(short, body))
+
+
+def test_metrics_record_batch_size_and_queue_wait():
+    model = FakeModel(delay_s=0.005)
+    size_count = _sample("sepconv_batch_size_count")
+    size_sum = _sample("sepconv_batch_size_sum")
+    wait_count = _sample("sepconv_batch_queue_wait_seconds_count")
+
+    async def body(b: Batcher):
+        await asyncio.gather(*(b.submit(_image(i)) for i in range(10)))
+
+    run(_with_batcher(model, body, max_batch_size=4))
+    assert _sample("sepconv_batch_size_sum") == size_sum + 10
+    assert _sample("sepconv_batch_size_count") == size_count + len(model.batches)
+    assert _sample("sepconv_batch_queue_wait_seconds_count") == wait_count + 10
+    assert _sample("sepconv_batch_queue_depth") == 0
+
+
+def test_stop_fails_queued_requests_instead_of_hanging():
+    model = FakeModel()
+
+    async def body():
+        b = Batcher(model, max_batch_size=1)
+        b.start()
+        model.gate.clear()
+        running = asyncio.create_task(b.submit(_image(0)))
+        await asyncio.sleep(0.02)
+        queued = asyncio.create_task(b.submit(_image(1)))
+        await asyncio.sleep(0)
+        threading.Timer(0.05, model.gate.set).start()
+        await b.stop()
+        results = await asyncio.gather(running, queued, return_exceptions=True)
+        with pytest.raises(BatchFailedError, match="not running"):
+            await b.submit(_image(2))
+        return results
+
+    results = run(body())
+    assert all(isinstance(r, BatchFailedError) for r in results)
+
+
+def test_invalid_limits_are_refused():
+    with pytest.raises(ValueError):
+        Batcher(FakeModel(), max_batch_size=0)

@@ -1,0 +1,92 @@
+"""Settings validation and the ``python -m service`` entry point's fail-fast start-up."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from service.settings import Settings, available_cores
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_env_prefix_and_types(monkeypatch):
+    monkeypatch.setenv("SEPCONV_MODEL_PATH", "/models/x.onnx")
+    monkeypatch.setenv("SEPCONV_PORT", "9001")
+    monkeypatch.setenv("SEPCONV_PROVIDER", "cpu")
+    monkeypatch.setenv("SEPCONV_MAX_WAIT_MS", "0.5")
+    s = Settings()
+    assert s.model_path == Path("/models/x.onnx")
+    assert (s.port, s.provider, s.max_wait_ms) == (9001, "cpu", 0.5)
+    assert s.host == "127.0.0.1" and s.max_body_bytes == 10 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    "env, value, field",
+    [
+        ("SEPCONV_PROVIDER", "tpu", "provider"),
+        ("SEPCONV_PORT", "70000", "port"),
+        ("SEPCONV_MAX_BATCH_SIZE", "0", "max_batch_size"),
+        ("SEPCONV_MAX_BODY_BYTES", "lots", "max_body_bytes"),
+    ],
+)
+def test_bad_values_fail_naming_the_field(monkeypatch, env, value, field):
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ValidationError, match=field):
+        Settings()
+
+
+def test_queue_must_hold_a_full_batch():
+    with pytest.raises(ValidationError, match="max_queue_size"):
+        Settings(max_batch_size=64, max_queue_size=8)
+
+
+def test_thread_defaults_do_not_oversubscribe_cores():
+    cores = available_cores()
+    assert Settings().resolved_intra_op_threads == cores
+    assert Settings(workers=cores).resolved_intra_op_threads == 1
+    assert Settings(workers=cores * 4).resolved_intra_op_threads == 1
+    assert Settings(intra_op_threads=3).resolved_intra_op_threads == 3
+
+
+def _serve(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, float]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SEPCONV_")}
+    full_env |= {"SEPCONV_PORT": "8799", **env}
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "service"],
+        cwd=tmp_path,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return proc, time.perf_counter() - start
+
+
+def test_missing_model_exits_nonzero_with_a_clear_message(tmp_path):
+    proc, elapsed = _serve(tmp_path, SEPCONV_MODEL_PATH=str(tmp_path / "nope.onnx"))
+    assert proc.returncode == 1
+    assert "nope.onnx does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert elapsed < 20  # fails before uvicorn or onnxruntime start, not after a timeout
+
+
+def test_corrupt_model_exits_nonzero_with_a_clear_message(tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"\x08\x07this is not protobuf\xff\xfe" * 10)
+    proc, _ = _serve(tmp_path, SEPCONV_MODEL_PATH=str(bad))
+    assert proc.returncode == 1
+    assert "is not a readable ONNX model" in proc.stderr
+
+
+def test_invalid_setting_exits_with_usage_status(tmp_path):
+    proc, _ = _serve(tmp_path, SEPCONV_WORKERS="zero")
+    assert proc.returncode == 2
+    assert "workers" in proc.stderr
