@@ -1,0 +1,126 @@
+"""Reproduce the MobileNet paper's cost tables from untrained exports (Howard et al. 2017).
+
+Exports MobileNetV1 (1000 classes, RGB) for each width multiplier at 224 px and for each input
+size at alpha 1.0, counts every ONNX graph with :mod:`service.cost`, and prints the exact counts
+next to the paper's printed figures (Tables 2, 4, 6 and 7). The printed figures below are the
+only numbers typed in by hand; everything else is counted.
+
+    .venv/bin/python bench/paper_tables.py            # Markdown, as pasted into the README
+    .venv/bin/python bench/paper_tables.py --json     # the raw counts
+
+Needs the build extra (torch); a few seconds per export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+# The paper's printed figures: mult-adds and params in millions.
+TABLE_6 = {1.0: (569, 4.2), 0.75: (325, 2.6), 0.5: (149, 1.3), 0.25: (41, 0.5)}  # at 224 px
+TABLE_7 = {224: 569, 192: 418, 160: 290, 128: 186}  # alpha 1.0, params 4.2M throughout
+TABLE_4 = {"Conv MobileNet": (4866, 29.3), "MobileNet": (569, 4.2)}
+#: Table 2, per cent of mult-adds and of parameters per layer type (alpha 1.0, 224 px).
+TABLE_2 = {
+    "Conv 1x1": (94.86, 74.59),
+    "Conv DW 3x3": (3.06, 1.06),
+    "Conv 3x3": (1.19, 0.02),
+    "Fully connected": (0.18, 24.33),
+}
+
+
+def export(alpha: float, size: int, out_dir: Path) -> Path:
+    from model.export import export_onnx
+    from model.network import MobileNetV1
+    from service.spec import ModelSpec
+
+    spec = ModelSpec(
+        name=f"mobilenet_v1-{alpha}-{size}",
+        labels=[f"class_{i}" for i in range(1000)],
+        input_size=size,
+        color_mode="RGB",
+        mean=[0.5] * 3,
+        std=[0.25] * 3,
+        alpha=alpha,
+    )
+    net = MobileNetV1(num_classes=1000, in_channels=3, alpha=alpha)
+    return export_onnx(net, spec, out_dir / f"mobilenet_{alpha}_{size}.onnx")
+
+
+def count(configs: list[tuple[float, int]]) -> dict[tuple[float, int], object]:
+    from service.cost import analyze_model
+
+    reports = {}
+    with tempfile.TemporaryDirectory(prefix="sepconv-paper-") as tmp:
+        for alpha, size in configs:
+            reports[(alpha, size)] = analyze_model(export(alpha, size, Path(tmp)))
+    return reports
+
+
+def _cells(exact: int, printed: float, decimals: int) -> str:
+    """Exact count, rounded the way the paper prints it, the printed figure, and a verdict."""
+    rounded = round(exact / 1e6, decimals)
+    verdict = "yes" if rounded == printed else "**no**"
+    return f"{exact:,} | {rounded:.{decimals}f}M | {printed:.{decimals}f}M | {verdict}"
+
+
+def markdown(reports) -> str:
+    lines = [
+        "| Model (paper table) | Mult-adds, exact | Rounded | Paper | Same | "
+        "Params, exact | Rounded | Paper | Same |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = [(f"{a} MobileNet-224 (6)", (a, 224), *TABLE_6[a]) for a in TABLE_6]
+    rows += [(f"1.0 MobileNet-{s} (7)", (1.0, s), TABLE_7[s], 4.2) for s in TABLE_7 if s != 224]
+    t = reports[(1.0, 224)].totals
+    for name, key, p_macs, p_params in rows:
+        r = reports[key].totals
+        lines.append(
+            f"| {name} | {_cells(r.mult_adds, p_macs, 0)} | {_cells(r.params, p_params, 1)} |"
+        )
+    for name, macs, params in [
+        ("Conv MobileNet", t.full_conv_mult_adds, t.full_conv_params),
+        ("MobileNet", t.mult_adds, t.params),
+    ]:
+        p_macs, p_params = TABLE_4[name]
+        lines.append(
+            f"| {name}-224 (4) | {_cells(macs, p_macs, 0)} | {_cells(params, p_params, 1)} |"
+        )
+    lines += [
+        "",
+        "| Layer type (Table 2, 1.0-224) | Mult-adds, exact | Paper | Params, exact | Paper |",
+        "|---|---|---|---|---|",
+    ]
+    shares = {s.label: s for s in reports[(1.0, 224)].shares}
+    for label, (p_macs, p_params) in TABLE_2.items():
+        s = shares[label]
+        lines.append(
+            f"| {label} | {s.mult_adds_share * 100:.2f}% | {p_macs:.2f}% | "
+            f"{s.params_share * 100:.2f}% | {p_params:.2f}% |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print the raw counts as JSON")
+    args = parser.parse_args(argv)
+    configs = [(a, 224) for a in TABLE_6] + [(1.0, s) for s in TABLE_7 if s != 224]
+    reports = count(configs)
+    if args.json:
+        out = {
+            f"{a}-{s}": r.totals.model_dump() | {"shares": [x.model_dump() for x in r.shares]}
+            for (a, s), r in reports.items()
+        }
+        json.dump(out, sys.stdout, indent=2)
+        print()
+    else:
+        sys.stdout.write(markdown(reports))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
