@@ -1,0 +1,362 @@
+"""``python -m bench``: raw ORT, then a concurrency sweep against a real server, then the report.
+
+For each model: measure raw ONNX Runtime in-process at batch 1 and the server's max batch,
+start ``python -m service`` on loopback with the given settings, run a closed-loop point per
+concurrency level and open-loop points at fractions of the best closed-loop rate, stop the
+server, and check the targets. Writes ``docs/bench_results.md``, ``docs/bench_results.json``
+and ``docs/bench_<model>.png``.
+
+Every point is bounded by ``--duration`` and ``--max-requests``; the whole run by their sum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shlex
+import struct
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import loadgen, raw_ort, report
+from bench.models import BenchModel, custom_model, default_model, imagenet_shape_model
+from bench.models import sample_images as make_images
+from bench.server import ServerError, ServerProcess
+from service.settings import Settings
+
+log = logging.getLogger("bench")
+
+DEFAULT_CONCURRENCY = "1,2,4,8,16,32,64"
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from exc
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("values must be positive integers")
+    return values
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--models",
+        default="default,224",
+        help="comma-separated: 'default' (artifacts/model.onnx, else an untrained export of "
+        "its configuration), '224' (untrained alpha=1 224x224 1000 classes) or ONNX paths",
+    )
+    p.add_argument("--concurrency", type=_ints, default=_ints(DEFAULT_CONCURRENCY))
+    p.add_argument("--duration", type=float, default=5.0, help="measured seconds per point")
+    p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds per point")
+    p.add_argument("--max-requests", type=int, default=50_000, help="cap per point")
+    p.add_argument(
+        "--open-fractions",
+        type=_floats,
+        default=[0.5, 0.8],
+        help="open-loop rates as fractions of the best closed-loop req/s ('' for none)",
+    )
+    p.add_argument("--fixed-interval", action="store_true", help="open loop without Poisson")
+    p.add_argument("--raw-duration", type=float, default=3.0, help="seconds per raw ORT batch")
+    p.add_argument("--endpoint", choices=["classify", "oip"], default="classify")
+    p.add_argument("--timeout", type=float, default=30.0, help="per-request timeout, seconds")
+    srv = p.add_argument_group("server settings (SEPCONV_*; unset = the service default)")
+    srv.add_argument("--workers", type=int)
+    srv.add_argument("--threads", type=int, help="ORT intra-op threads per worker")
+    srv.add_argument("--max-batch", type=int)
+    srv.add_argument("--max-wait-ms", type=float)
+    srv.add_argument("--max-queue", type=int)
+    srv.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE", help="any other SEPCONV_ setting"
+    )
+    p.add_argument("--out", type=Path, default=Path("docs"), help="where the report goes")
+    p.add_argument("--name", default="bench", help="report file prefix: OUT/NAME_results.md")
+    p.add_argument("--quick", action="store_true", help="trial run: c=1,8,32, 2 s points")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.concurrency = [1, 8, 32]
+        args.duration = min(args.duration, 2.0)
+        args.warmup = min(args.warmup, 0.5)
+        args.raw_duration = min(args.raw_duration, 1.5)
+        args.open_fractions = args.open_fractions[:1]
+    return args
+
+
+def server_env(args: argparse.Namespace) -> dict[str, str]:
+    env = {}
+    for flag, key in (
+        ("workers", "WORKERS"),
+        ("threads", "INTRA_OP_THREADS"),
+        ("max_batch", "MAX_BATCH_SIZE"),
+        ("max_wait_ms", "MAX_WAIT_MS"),
+        ("max_queue", "MAX_QUEUE_SIZE"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            env[f"SEPCONV_{key}"] = str(value)
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--env needs KEY=VALUE, got {item!r}")
+        key = key if key.startswith("SEPCONV_") else f"SEPCONV_{key}"
+        env[key.upper()] = value
+    return env
+
+
+def settings_for(model: BenchModel, env: dict[str, str]) -> Settings:
+    """The Settings the server process will build: our env on top of this process's env."""
+    overrides = {k[len("SEPCONV_") :].lower(): v for k, v in env.items()}
+    overrides["model_path"] = str(model.path)
+    return Settings(**overrides)
+
+
+def target_for(model: BenchModel, server: ServerProcess, endpoint: str) -> loadgen.Target:
+    images = make_images(model.spec, count=64)
+    if endpoint == "classify":
+        return loadgen.Target(server.host, server.port, "/v1/classify", tuple(images))
+    # OIP binary tensor extension: JSON header, then the BYTES element (4-byte length + file).
+    bodies = []
+    for png in images:
+        header = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "image",
+                        "shape": [1],
+                        "datatype": "BYTES",
+                        "parameters": {"binary_data_size": 4 + len(png)},
+                    }
+                ],
+                "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+            },
+            separators=(",", ":"),
+        ).encode()
+        bodies.append((header, header + struct.pack("<I", len(png)) + png))
+    header_len = {len(h) for h, _ in bodies}
+    if len(header_len) != 1:  # one pre-built header value per request is all Target supports
+        raise RuntimeError("OIP headers differ in length across images")
+    return loadgen.Target(
+        server.host,
+        server.port,
+        f"/v2/models/{model.spec.name}/infer",
+        tuple(b for _, b in bodies),
+        content_type="application/octet-stream",
+        extra_headers=(("Inference-Header-Content-Length", str(header_len.pop())),),
+    )
+
+
+def check_targets(model: BenchModel, raw: list[dict], points: list[dict]) -> list[dict]:
+    closed = {p["concurrency"]: p for p in points if p["mode"] == "closed"}
+    raw_by_batch = {r["batch"]: r for r in raw}
+    max_batch = max(raw_by_batch)
+    out = []
+    if model.key == "224":
+        if 32 in closed:
+            ratio = closed[32]["req_per_s"] / raw_by_batch[max_batch]["images_per_s"]
+            out.append(
+                {
+                    "target": f">= 0.90x raw ORT (batch {max_batch}) at concurrency 32",
+                    "measured": f"{ratio:.2f}x ({closed[32]['req_per_s']:.1f} req/s vs "
+                    f"{raw_by_batch[max_batch]['images_per_s']:.1f} img/s)",
+                    "met": ratio >= 0.90,
+                }
+            )
+        if 1 in closed and 1 in raw_by_batch:
+            limit = raw_by_batch[1]["batch_latency_ms_p50"] + 2.0
+            p50 = closed[1]["p50_ms"]
+            out.append(
+                {
+                    "target": "p50 at concurrency 1 <= raw single-image latency + 2 ms",
+                    "measured": f"{p50:.2f} ms vs {limit:.2f} ms",
+                    "met": p50 <= limit,
+                }
+            )
+    elif model.key == "default" and 32 in closed:
+        c32 = closed[32]
+        out.append(
+            {
+                "target": ">= 1100 req/s at concurrency 32",
+                "measured": f"{c32['req_per_s']:.1f} req/s",
+                "met": c32["req_per_s"] >= 1100,
+            }
+        )
+        out.append(
+            {
+                "target": "p99 <= 80 ms at concurrency 32",
+                "measured": f"{c32['p99_ms']:.2f} ms",
+                "met": c32["p99_ms"] <= 80,
+            }
+        )
+    return out
+
+
+def bench_model(model: BenchModel, args: argparse.Namespace, env: dict[str, str]) -> dict:
+    settings = settings_for(model, env)
+    batches = sorted({1, settings.max_batch_size})
+    log.info("%s: raw ORT at batch %s", model.title, batches)
+    raw = [raw_ort.measure(settings, b, duration_s=args.raw_duration).summary() for b in batches]
+    for r in raw:
+        log.info("  raw batch %(batch)d: %(images_per_s).1f img/s", r)
+
+    points: list[dict[str, Any]] = []
+    log_path = Path(tempfile.gettempdir()) / f"sepconv-bench-{model.key}-{os.getpid()}.log"
+    with ServerProcess(model.path, env, log_path) as server:
+        target = target_for(model, server, args.endpoint)
+        probe = loadgen.run(
+            loadgen.closed_loop(target, concurrency=1, duration_s=5, max_requests=1)
+        )
+        if probe.error_count:
+            raise ServerError(
+                f"a single request to {target.path} failed ({dict(probe.errors)}); "
+                f"server log {log_path}:\n{server.log_tail()}"
+            )
+        for c in args.concurrency:
+            result = loadgen.run(
+                loadgen.closed_loop(
+                    target,
+                    concurrency=c,
+                    duration_s=args.duration,
+                    warmup_s=args.warmup,
+                    max_requests=args.max_requests,
+                    timeout_s=args.timeout,
+                )
+            )
+            points.append(result.summary())
+            _log_point(points[-1])
+        peak = max((p["req_per_s"] for p in points), default=0.0)
+        for fraction in args.open_fractions:
+            rate = peak * fraction
+            if rate <= 0:
+                continue
+            result = loadgen.run(
+                loadgen.open_loop(
+                    target,
+                    rate=rate,
+                    duration_s=args.duration,
+                    max_requests=args.max_requests,
+                    poisson=not args.fixed_interval,
+                    timeout_s=args.timeout,
+                )
+            )
+            points.append(result.summary())
+            _log_point(points[-1])
+    entry = {
+        "key": model.key,
+        "title": model.title,
+        "path": str(model.path),
+        "trained": model.trained,
+        "raw": raw,
+        "points": points,
+    }
+    entry["targets"] = check_targets(model, raw, points)
+    for t in entry["targets"]:
+        log.info(
+            "  target %s: %s (%s)", t["target"], t["measured"], "met" if t["met"] else "MISSED"
+        )
+    return entry
+
+
+def _log_point(p: dict[str, Any]) -> None:
+    load = f"c={p['concurrency']}" if p["mode"] == "closed" else f"rate={p['target_rate']:.0f}/s"
+    log.info(
+        "  %-12s %8.1f req/s  p50 %7.2f  p90 %7.2f  p99 %7.2f ms  errors %d  client %.0f us/req",
+        load,
+        p["req_per_s"],
+        p["p50_ms"],
+        p["p90_ms"],
+        p["p99_ms"],
+        p["errors"],
+        p["client_cpu_us_per_req"],
+    )
+
+
+def resolve_models(spec: str) -> list[BenchModel]:
+    models = []
+    for item in (s.strip() for s in spec.split(",")):
+        if item == "default":
+            models.append(default_model())
+        elif item == "224":
+            models.append(imagenet_shape_model())
+        elif item:
+            path = Path(item)
+            if not path.is_file():
+                raise SystemExit(f"--models: {item} is neither 'default', '224' nor a file")
+            models.append(custom_model(path))
+    return models
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args = parse_args(argv)
+    env = server_env(args)
+    models = resolve_models(args.models)
+    points_per_model = len(args.concurrency) + len(args.open_fractions)
+    bound = len(models) * (points_per_model * (args.duration + args.warmup) + 2 * args.raw_duration)
+    log.info("%d model(s), at most ~%.0f s of load plus server start-ups", len(models), bound)
+    base_settings = settings_for(models[0], env) if models else Settings()
+    results: dict[str, Any] = {
+        "environment": {
+            "command": "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv),
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "cpu": _cpu_name(),
+            "cores": len(os.sched_getaffinity(0)),
+            "load_before": " ".join(f"{v:.2f}" for v in os.getloadavg()),
+            "server_settings": (
+                f"workers {base_settings.workers}, intra-op threads "
+                f"{base_settings.resolved_intra_op_threads}, max batch "
+                f"{base_settings.max_batch_size}, max wait {base_settings.max_wait_ms:g} ms, "
+                f"queue {base_settings.max_queue_size}"
+                + (f", {' '.join(f'{k}={v}' for k, v in sorted(env.items()))}" if env else "")
+            ),
+            "endpoint": args.endpoint,
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+        },
+        "models": [],
+    }
+    started = time.perf_counter()
+    try:
+        for model in models:
+            results["models"].append(bench_model(model, args, env))
+    except ServerError as exc:
+        log.error("server failed: %s", exc)
+        return 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    md_path = args.out / f"{args.name}_results.md"
+    md_path.write_text(report.markdown(results))
+    (args.out / f"{args.name}_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    for model in results["models"]:
+        report.plot(model, args.out / f"{args.name}_{model['key']}.png")
+    log.info("wrote %s and plots in %.0f s", md_path, time.perf_counter() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The models the sweep measures, and the images it sends them.
+
+Speed does not depend on the weights, so when the trained default model is absent an untrained
+export of the same configuration stands in for it (and the report says so).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from service.spec import ModelSpec, read_spec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = Path("artifacts/model.onnx")
+#: Where untrained stand-ins are cached between runs (git-ignored).
+CACHE_DIR = Path("artifacts/bench")
+
+FASHION_LABELS = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    key: str  # short name used in file names and tables
+    title: str
+    path: Path
+    spec: ModelSpec
+    trained: bool
+
+
+def _export_untrained(path: Path, spec: ModelSpec, classes: int, channels: int) -> Path:
+    import torch
+
+    from model.export import export_onnx
+    from model.network import MobileNetV1
+
+    torch.manual_seed(0)
+    net = MobileNetV1(
+        num_classes=classes, in_channels=channels, alpha=spec.alpha, stem_stride=spec.stem_stride
+    )
+    log.info("exporting untrained %s to %s", spec.name, path)
+    return export_onnx(net, spec, path)
+
+
+def default_model(path: Path = DEFAULT_MODEL, cache_dir: Path = CACHE_DIR) -> BenchModel:
+    """The served default (``artifacts/model.onnx``), else an untrained export of its shape."""
+    if path.is_file():
+        spec = read_spec(str(path))
+        return BenchModel("default", f"default model ({_describe(spec)})", path, spec, True)
+    cached = cache_dir / "default-untrained.onnx"
+    spec = ModelSpec(
+        name="mobilenet_v1-fashion-mnist-untrained",
+        labels=FASHION_LABELS,
+        input_size=28,
+        color_mode="L",
+        mean=[0.2860],
+        std=[0.3530],
+        alpha=0.5,
+        stem_stride=1,
+    )
+    if not cached.is_file():
+        _export_untrained(cached, spec, len(FASHION_LABELS), 1)
+    spec = read_spec(str(cached))
+    title = f"default config, untrained ({_describe(spec)}; {path} absent)"
+    return BenchModel("default", title, cached, spec, False)
+
+
+def imagenet_shape_model(cache_dir: Path = CACHE_DIR) -> BenchModel:
+    """Untrained MobileNetV1 alpha=1 at 224x224 RGB with 1000 classes: the paper's model."""
+    cached = cache_dir / "mobilenet_v1-224-a1.onnx"
+    if not cached.is_file():
+        spec = ModelSpec(
+            name="mobilenet_v1-224-untrained",
+            labels=[f"class_{i}" for i in range(1000)],
+            input_size=224,
+            color_mode="RGB",
+            mean=[0.485, 0.456, 0.406],
+            std=[0.229, 0.224, 0.225],
+            alpha=1.0,
+            stem_stride=2,
+        )
+        _export_untrained(cached, spec, 1000, 3)
+    spec = read_spec(str(cached))
+    return BenchModel(
+        "224", f"224x224 alpha=1, 1000 classes ({_describe(spec)})", cached, spec, False
+    )
+
+
+def custom_model(path: Path) -> BenchModel:
+    spec = read_spec(str(path))
+    return BenchModel(path.stem.replace(".", "-"), f"{path} ({_describe(spec)})", path, spec, True)
+
+
+def _describe(spec: ModelSpec) -> str:
+    return (
+        f"{spec.input_size}px {spec.color_mode}, alpha {spec.alpha:g}, "
+        f"{spec.num_classes} classes, {spec.precision}"
+    )
+
+
+def sample_images(spec: ModelSpec, count: int = 64, seed: int = 0) -> list[bytes]:
+    """Distinct PNGs at the model's input size: smooth random shapes, not white noise.
+
+    White noise is the worst case for PNG (incompressible, slow to inflate); upsampled low-res
+    noise compresses and decodes like a real photo-like image of that size.
+    """
+    rng = np.random.default_rng(seed)
+    size = spec.input_size
+    mode = spec.color_mode
+    channels = spec.channels
+    low = max(2, size // 4)
+    out = []
+    for _ in range(count):
+        small = rng.integers(0, 256, (low, low, channels), dtype=np.uint8)
+        img = Image.fromarray(small[:, :, 0] if channels == 1 else small, mode)
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def normalized_batch(spec: ModelSpec, batch: int, seed: int = 0) -> np.ndarray:
+    """A float32 (N, C, H, W) input as the service would build it (values do not affect speed)."""
+    rng = np.random.default_rng(seed)
+    shape = (batch, spec.channels, spec.input_size, spec.input_size)
+    return rng.standard_normal(shape, dtype=np.float32)

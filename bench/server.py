@@ -1,0 +1,128 @@
+"""Start ``python -m service`` as a child process on loopback, wait until ready, stop it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+class ServerError(RuntimeError):
+    """The server did not come up; the message carries the tail of its log."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (OSError, urllib.error.URLError):
+        return None
+
+
+class ServerProcess:
+    """``with ServerProcess(model, env) as server:`` -> serving on ``server.port`` until exit.
+
+    ``env`` holds ``SEPCONV_*`` settings on top of the model path, loopback host and a free
+    port. The server's output goes to ``log_path`` so a failed start can be explained.
+    """
+
+    def __init__(
+        self,
+        model_path: Path,
+        settings_env: dict[str, str],
+        log_path: Path,
+        *,
+        host: str = "127.0.0.1",
+        ready_timeout_s: float = 120.0,
+    ):
+        self.model_path = Path(model_path)
+        self.host = host
+        self.port = free_port(host)
+        self.log_path = Path(log_path)
+        self.ready_timeout_s = ready_timeout_s
+        self.env = {
+            **os.environ,
+            **settings_env,
+            "SEPCONV_MODEL_PATH": str(self.model_path),
+            "SEPCONV_HOST": host,
+            "SEPCONV_PORT": str(self.port),
+            "SEPCONV_LOG_LEVEL": settings_env.get("SEPCONV_LOG_LEVEL", "warning"),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> ServerProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("wb")
+        # Own process group: uvicorn's worker processes can then be stopped with the server.
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service"],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise ServerError(
+                    f"server exited with status {self.proc.returncode}:\n{self.log_tail()}"
+                )
+            if _status(self.base_url + "/readyz") == 200:
+                return
+            time.sleep(0.2)
+        raise ServerError(
+            f"server not ready after {self.ready_timeout_s:.0f} s:\n{self.log_tail()}"
+        )
+
+    def log_tail(self, lines: int = 30) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return "(no log)"
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM (graceful: uvicorn drains), then SIGKILL to the group if it hangs."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        # Workers left behind by a crashed parent are in the same group: end them too.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -1,0 +1,169 @@
+"""The benchmark's load generator and statistics, against a real server on loopback."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+
+from bench import loadgen
+from bench.__main__ import check_targets, parse_args, server_env
+from bench.models import BenchModel, sample_images
+from bench.report import markdown, plot
+from bench.server import ServerError, ServerProcess, free_port
+from service.spec import read_spec
+
+
+def test_percentile_matches_numpy_linear_definition():
+    data = [float(v) for v in range(1, 101)]
+    assert loadgen.percentile(data, 50) == pytest.approx(50.5)
+    assert loadgen.percentile(data, 99) == pytest.approx(99.01)
+    assert loadgen.percentile(data, 0) == 1.0
+    assert loadgen.percentile(data, 100) == 100.0
+    rng = np.random.default_rng(0)
+    sample = rng.exponential(size=997).tolist()
+    for q in (1, 37.5, 90, 99.9):
+        assert loadgen.percentile(sample, q) == pytest.approx(np.percentile(sample, q))
+    assert loadgen.percentile([3.0, 1.0, 2.0], 50) == 2.0  # input need not be sorted
+    assert math.isnan(loadgen.percentile([], 50))
+    with pytest.raises(ValueError):
+        loadgen.percentile(data, 101)
+
+
+def test_run_result_statistics():
+    result = loadgen.RunResult("closed", 2, None, duration_s=2.0)
+    result.latencies = [0.001 * v for v in range(1, 11)]
+    result.errors.update({"http_400": 3, "connection": 1})
+    summary = result.summary()
+    assert (summary["ok"], summary["errors"], summary["requests"]) == (10, 4, 14)
+    assert summary["req_per_s"] == 5.0  # successes only
+    assert summary["p50_ms"] == pytest.approx(5.5)
+    assert summary["max_ms"] == pytest.approx(10.0)
+    assert summary["error_kinds"] == {"http_400": 3, "connection": 1}
+
+
+def test_arrival_schedules():
+    fixed = loadgen.arrival_times(200, 0.2, poisson=False)
+    assert len(fixed) == 39  # k / 200 for k = 1..39, all before 0.2 s
+    assert np.allclose(np.diff(fixed), 0.005)
+    poisson = loadgen.arrival_times(1000, 10.0, poisson=True, seed=1)
+    assert 9_500 < len(poisson) < 10_500
+    assert poisson == sorted(poisson)
+    assert poisson != loadgen.arrival_times(1000, 10.0, poisson=True, seed=2)
+
+
+def test_connection_refused_is_counted_not_raised():
+    target = loadgen.Target("127.0.0.1", free_port(), "/v1/classify", (b"x",))
+    result = loadgen.run(
+        loadgen.closed_loop(target, concurrency=2, duration_s=5.0, max_requests=4, timeout_s=2)
+    )
+    assert result.ok == 0
+    assert result.errors == {"connection": 4}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_path, tmp_path_factory):
+    env = {"SEPCONV_WORKERS": "1", "SEPCONV_INTRA_OP_THREADS": "1", "SEPCONV_MAX_BATCH_SIZE": "8"}
+    log = tmp_path_factory.mktemp("bench") / "server.log"
+    with ServerProcess(tiny_model_path, env, log, ready_timeout_s=60) as srv:
+        yield srv
+    assert srv.proc is None  # stopped
+
+
+def _target(server, bodies):
+    return loadgen.Target(server.host, server.port, "/v1/classify", tuple(bodies))
+
+
+def test_closed_loop_counts_successes_and_bad_requests(server, make_png):
+    # One connection alternates a good PNG and a non-image: exactly half are 400s.
+    target = _target(server, [make_png(1), b"definitely not an image"])
+    result = loadgen.run(
+        loadgen.closed_loop(target, concurrency=1, duration_s=30.0, max_requests=20)
+    )
+    assert result.ok == 10
+    assert result.errors == {"http_400": 10}
+    assert all(0 < lat < 5 for lat in result.latencies)
+    assert result.summary()["p50_ms"] > 0
+
+
+def test_closed_loop_with_concurrency_is_bounded_by_request_count(server, make_png):
+    target = _target(server, [make_png(seed) for seed in range(8)])
+    result = loadgen.run(
+        loadgen.closed_loop(target, concurrency=4, duration_s=30.0, max_requests=40)
+    )
+    assert result.total == 40
+    assert result.ok == 40, dict(result.errors)
+    assert result.throughput > 0
+    assert result.client_cpu_s > 0
+
+
+def test_open_loop_sends_the_schedule(server, make_png):
+    target = _target(server, [make_png(seed) for seed in range(4)])
+    result = loadgen.run(
+        loadgen.open_loop(target, rate=200, duration_s=0.2, poisson=False, max_connections=8)
+    )
+    assert result.total == 39
+    assert result.ok == 39, dict(result.errors)
+    assert result.mode == "open" and result.target_rate == 200
+
+
+def test_server_start_failure_is_reported(tmp_path):
+    missing = tmp_path / "missing.onnx"
+    server = ServerProcess(missing, {}, tmp_path / "log", ready_timeout_s=30)
+    with pytest.raises(ServerError, match="does not exist"):
+        server.__enter__()
+    assert server.proc is None
+
+
+def test_bench_cli_flags_become_settings():
+    args = parse_args(["--workers", "2", "--max-wait-ms", "1.5", "--env", "ORT_SPINNING=1"])
+    assert server_env(args) == {
+        "SEPCONV_WORKERS": "2",
+        "SEPCONV_MAX_WAIT_MS": "1.5",
+        "SEPCONV_ORT_SPINNING": "1",
+    }
+    assert parse_args(["--quick"]).concurrency == [1, 8, 32]
+
+
+def test_sample_images_match_the_model(tiny_rgb_model_path):
+    from PIL import Image
+
+    spec = read_spec(str(tiny_rgb_model_path))
+    images = sample_images(spec, count=3)
+    assert len(set(images)) == 3
+    img = Image.open(io.BytesIO(images[0]))
+    assert img.size == (32, 32) and img.mode == "RGB"
+
+
+def test_targets_and_report(tiny_model_path, tmp_path):
+    spec = read_spec(str(tiny_model_path))
+    model = BenchModel("224", "big", tiny_model_path, spec, trained=False)
+    raw = [
+        {"batch": 1, "sessions": 1, "intra_op_threads": 2, "images_per_s": 100.0,
+         "batch_latency_ms_p50": 10.0, "runs": 10},
+        {"batch": 32, "sessions": 1, "intra_op_threads": 2, "images_per_s": 120.0,
+         "batch_latency_ms_p50": 260.0, "runs": 10},
+    ]  # fmt: skip
+    result = loadgen.RunResult("closed", 1, None, 1.0, latencies=[0.0115] * 50)
+    fast = loadgen.RunResult("closed", 32, None, 1.0, latencies=[0.3] * 100)
+    points = [result.summary(), fast.summary()]
+    targets = check_targets(model, raw, points)
+    assert [t["met"] for t in targets] == [False, True]  # 100/120 < 0.9; 11.5 <= 10 + 2
+    entry = {"key": "224", "title": "big", "raw": raw, "points": points, "targets": targets}
+    env = {
+        "command": "python -m bench",
+        "date": "today",
+        "cpu": "cpu",
+        "cores": 2,
+        "load_before": "0",
+        "server_settings": "defaults",
+        "endpoint": "classify",
+        "duration_s": 1,
+        "warmup_s": 0,
+    }
+    text = markdown({"environment": env, "models": [entry]})
+    assert "| concurrency 32 | 100.0 | 0.83x |" in text
+    assert "**no**" in text
+    assert plot(entry, tmp_path / "plot.png").stat().st_size > 1000
