@@ -13,8 +13,11 @@ from service.settings import Settings
 
 NOT_READY_DETAIL = "the model is not loaded and warmed up yet"
 
+# The providers are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency in its
+# thread pool, which costs a thread hop per dependency per request on the hot path.
 
-def get_settings(request: Request) -> Settings:
+
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
@@ -22,14 +25,14 @@ def is_ready(request: Request) -> bool:
     return bool(getattr(request.app.state, "ready", False))
 
 
-def get_runtime(request: Request) -> ModelRuntime:
+async def get_runtime(request: Request) -> ModelRuntime:
     state = request.app.state
     if not getattr(state, "ready", False):
         raise APIError(503, "not_ready", NOT_READY_DETAIL, headers={"Retry-After": "1"})
     return state.runtime
 
 
-def get_batcher(request: Request) -> Batcher:
+async def get_batcher(request: Request) -> Batcher:
     state = request.app.state
     if not getattr(state, "ready", False):
         raise APIError(503, "not_ready", NOT_READY_DETAIL, headers={"Retry-After": "1"})
