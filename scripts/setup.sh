@@ -16,6 +16,9 @@ need_apt=()
 [ -f "$FMNIST_DIR/t10k-labels-idx1-ubyte.gz" ] || need_apt+=(dataset-fashion-mnist)
 # promtool lints the /metrics exposition in the tests (tests skip the check without it).
 command -v promtool >/dev/null || need_apt+=(prometheus)
+# The end-to-end compose test (tests/test_deploy.py): a private Docker engine and a base image.
+command -v dockerd >/dev/null || need_apt+=(docker.io)
+command -v debootstrap >/dev/null || need_apt+=(debootstrap)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need_apt[*]}"
   as_root apt-get update -qq

