@@ -978,7 +978,8 @@ def _sections(report: CostReport) -> list[tuple[str, list[str], list[str], list[
     pair_rows = [
         [
             f"{p.depthwise} + {p.pointwise}",
-            f"{p.kernel_h}x{p.kernel_w}/{p.stride_h}",
+            f"{p.kernel_h}x{p.kernel_w}/"
+            + (f"{p.stride_h}" if p.stride_h == p.stride_w else f"{p.stride_h}x{p.stride_w}"),
             str(p.input_channels),
             str(p.output_channels),
             f"{p.output_h}x{p.output_w}",
