@@ -75,6 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--fixed-interval", action="store_true", help="open loop without Poisson")
     p.add_argument("--raw-duration", type=float, default=3.0, help="seconds per raw ORT batch")
+    p.add_argument(
+        "--raw-batches",
+        type=_ints,
+        default=[8],
+        help="raw ORT batch sizes besides 1 and the server's max batch",
+    )
     p.add_argument("--endpoint", choices=["classify", "oip"], default="classify")
     p.add_argument("--timeout", type=float, default=30.0, help="per-request timeout, seconds")
     srv = p.add_argument_group("server settings (SEPCONV_*; unset = the service default)")
@@ -165,16 +171,18 @@ def target_for(model: BenchModel, server: ServerProcess, endpoint: str) -> loadg
 def check_targets(model: BenchModel, raw: list[dict], points: list[dict]) -> list[dict]:
     closed = {p["concurrency"]: p for p in points if p["mode"] == "closed"}
     raw_by_batch = {r["batch"]: r for r in raw}
-    max_batch = max(raw_by_batch)
+    # The yardstick is the best batch size, whichever it is: at 224 px a large batch can be
+    # slower per image than a small one (activations no longer fit in cache).
+    best = max(raw, key=lambda r: r["images_per_s"])
     out = []
     if model.key == "224":
         if 32 in closed:
-            ratio = closed[32]["req_per_s"] / raw_by_batch[max_batch]["images_per_s"]
+            ratio = closed[32]["req_per_s"] / best["images_per_s"]
             out.append(
                 {
-                    "target": f">= 0.90x raw ORT (batch {max_batch}) at concurrency 32",
+                    "target": ">= 0.90x raw ORT throughput at concurrency 32",
                     "measured": f"{ratio:.2f}x ({closed[32]['req_per_s']:.1f} req/s vs "
-                    f"{raw_by_batch[max_batch]['images_per_s']:.1f} img/s)",
+                    f"{best['images_per_s']:.1f} img/s at batch {best['batch']})",
                     "met": ratio >= 0.90,
                 }
             )
@@ -209,7 +217,9 @@ def check_targets(model: BenchModel, raw: list[dict], points: list[dict]) -> lis
 
 def bench_model(model: BenchModel, args: argparse.Namespace, env: dict[str, str]) -> dict:
     settings = settings_for(model, env)
-    batches = sorted({1, settings.max_batch_size})
+    batches = sorted(
+        {b for b in args.raw_batches if b <= settings.max_batch_size} | {1, settings.max_batch_size}
+    )
     log.info("%s: raw ORT at batch %s", model.title, batches)
     raw = [raw_ort.measure(settings, b, duration_s=args.raw_duration).summary() for b in batches]
     for r in raw:
@@ -318,7 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     env = server_env(args)
     models = resolve_models(args.models)
     points_per_model = len(args.concurrency) + len(args.open_fractions)
-    bound = len(models) * (points_per_model * (args.duration + args.warmup) + 2 * args.raw_duration)
+    bound = len(models) * (
+        points_per_model * (args.duration + args.warmup)
+        + (len(args.raw_batches) + 2) * args.raw_duration
+    )
     log.info("%d model(s), at most ~%.0f s of load plus server start-ups", len(models), bound)
     base_settings = settings_for(models[0], env) if models else Settings()
     results: dict[str, Any] = {

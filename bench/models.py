@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,7 @@ class BenchModel:
     trained: bool
 
 
-def _export_untrained(path: Path, spec: ModelSpec, classes: int, channels: int) -> Path:
+def _export(path: Path, spec: ModelSpec) -> None:
     import torch
 
     from model.export import export_onnx
@@ -45,10 +46,23 @@ def _export_untrained(path: Path, spec: ModelSpec, classes: int, channels: int) 
 
     torch.manual_seed(0)
     net = MobileNetV1(
-        num_classes=classes, in_channels=channels, alpha=spec.alpha, stem_stride=spec.stem_stride
+        num_classes=spec.num_classes,
+        in_channels=spec.channels,
+        alpha=spec.alpha,
+        stem_stride=spec.stem_stride,
     )
+    export_onnx(net, spec, path)
+
+
+def _export_untrained(path: Path, spec: ModelSpec) -> Path:
+    """Export in a child process: torch's thread pool must not share the cores with the run."""
     log.info("exporting untrained %s to %s", spec.name, path)
-    return export_onnx(net, spec, path)
+    child = multiprocessing.get_context("spawn").Process(target=_export, args=(path, spec))
+    child.start()
+    child.join()
+    if child.exitcode != 0 or not path.is_file():
+        raise RuntimeError(f"exporting {path} failed (exit code {child.exitcode})")
+    return path
 
 
 def default_model(path: Path = DEFAULT_MODEL, cache_dir: Path = CACHE_DIR) -> BenchModel:
@@ -68,7 +82,7 @@ def default_model(path: Path = DEFAULT_MODEL, cache_dir: Path = CACHE_DIR) -> Be
         stem_stride=1,
     )
     if not cached.is_file():
-        _export_untrained(cached, spec, len(FASHION_LABELS), 1)
+        _export_untrained(cached, spec)
     spec = read_spec(str(cached))
     title = f"default config, untrained ({_describe(spec)}; {path} absent)"
     return BenchModel("default", title, cached, spec, False)
@@ -88,7 +102,7 @@ def imagenet_shape_model(cache_dir: Path = CACHE_DIR) -> BenchModel:
             alpha=1.0,
             stem_stride=2,
         )
-        _export_untrained(cached, spec, 1000, 3)
+        _export_untrained(cached, spec)
     spec = read_spec(str(cached))
     return BenchModel(
         "224", f"224x224 alpha=1, 1000 classes ({_describe(spec)})", cached, spec, False

@@ -39,7 +39,7 @@ class RawResult:
 
 
 def measure(
-    settings: Settings, batch: int, *, duration_s: float = 3.0, warmup: int = 3
+    settings: Settings, batch: int, *, duration_s: float = 3.0, warmup: int = 3, rounds: int = 3
 ) -> RawResult:
     """Images per second through ``session.run`` at ``batch``, over ``duration_s``."""
     from service.main import load_runtime
@@ -54,8 +54,28 @@ def measure(
         for _ in range(warmup):
             rt.session.run(outputs, feed)
 
+    # Other tenants of a shared machine steal cycles in bursts: the best of a few rounds is
+    # the ceiling we compare against (conservative for the server's ratio).
+    best: tuple[float, float, int] | None = None
+    for _ in range(rounds):
+        rate, p50, runs = _round(runtimes, outputs, feed, batch, duration_s / rounds)
+        if best is None or rate > best[0]:
+            best = (rate, p50, runs)
+    assert best is not None
+    return RawResult(
+        batch=batch,
+        sessions=sessions,
+        intra_op_threads=settings.resolved_intra_op_threads,
+        images_per_s=best[0],
+        batch_latency_ms_p50=best[1],
+        runs=best[2],
+    )
+
+
+def _round(runtimes, outputs, feed, batch: int, duration_s: float) -> tuple[float, float, int]:
+    """One timed round with every session busy; (images/s, p50 batch latency ms, runs)."""
     latencies: list[list[float]] = [[] for _ in runtimes]
-    barrier = threading.Barrier(sessions + 1)
+    barrier = threading.Barrier(len(runtimes) + 1)
     stop_at = [0.0]
 
     def loop(index: int) -> None:
@@ -69,7 +89,7 @@ def measure(
             session.run(outputs, feed)
             mine.append(time.perf_counter() - t0)
 
-    threads = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(sessions)]
+    threads = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(len(runtimes))]
     for t in threads:
         t.start()
     start = time.perf_counter()
@@ -79,11 +99,5 @@ def measure(
         t.join()
     elapsed = time.perf_counter() - start
     runs = sum(len(lat) for lat in latencies)
-    return RawResult(
-        batch=batch,
-        sessions=sessions,
-        intra_op_threads=settings.resolved_intra_op_threads,
-        images_per_s=runs * batch / elapsed,
-        batch_latency_ms_p50=float(np.median(np.concatenate(latencies))) * 1000.0,
-        runs=runs,
-    )
+    p50 = float(np.median(np.concatenate(latencies))) * 1000.0 if runs else float("nan")
+    return runs * batch / elapsed, p50, runs

@@ -151,6 +151,7 @@ def test_targets_and_report(tiny_model_path, tmp_path):
     points = [result.summary(), fast.summary()]
     targets = check_targets(model, raw, points)
     assert [t["met"] for t in targets] == [False, True]  # 100/120 < 0.9; 11.5 <= 10 + 2
+    assert "at batch 32" in targets[0]["measured"]
     entry = {"key": "224", "title": "big", "raw": raw, "points": points, "targets": targets}
     env = {
         "command": "python -m bench",
