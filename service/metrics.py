@@ -60,6 +60,10 @@ BATCH_REJECTED = Counter(
 
 UNMATCHED_ROUTE = "<unmatched>"
 
+#: (route, method, status) -> metric children; bounded like the label set itself, and it saves
+#: the label lookup (a lock and a dict) on every request.
+_children: dict[tuple[str, str, int], tuple] = {}
+
 
 def route_template(scope: Scope) -> str:
     """The template of the route that served ``scope``; a fixed label when none matched."""
@@ -92,6 +96,13 @@ class MetricsMiddleware:
         finally:
             HTTP_IN_FLIGHT.dec()
             route = route_template(scope)
-            labels = (route, scope["method"], str(status))
-            HTTP_REQUESTS.labels(*labels).inc()
-            HTTP_DURATION.labels(*labels).observe(time.perf_counter() - start)
+            key = (route, scope["method"], status)
+            children = _children.get(key)
+            if children is None:
+                labels = (route, scope["method"], str(status))
+                children = _children[key] = (
+                    HTTP_REQUESTS.labels(*labels),
+                    HTTP_DURATION.labels(*labels),
+                )
+            children[0].inc()
+            children[1].observe(time.perf_counter() - start)

@@ -16,7 +16,6 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client import REGISTRY
 
-from service.api.deps import get_batcher
 from service.batcher import BatchFailedError, QueueFullError, RequestTimeoutError
 from service.main import create_app
 from service.postprocess import softmax
@@ -421,11 +420,12 @@ class _FailingBatcher:
     ],
 )
 def test_batcher_errors_map_to_http(client, make_png, exc, status, error):
-    client.app.dependency_overrides[get_batcher] = lambda: _FailingBatcher(exc)
+    state = client.app.state
+    real, state.batcher = state.batcher, _FailingBatcher(exc)
     try:
         r = client.post("/v1/classify", content=make_png(1), headers=PNG)
     finally:
-        client.app.dependency_overrides.clear()
+        state.batcher = real
     _assert_error(r, status, error)
     if status == 429:
         assert r.headers["retry-after"] == "3"

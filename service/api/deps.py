@@ -25,6 +25,13 @@ def is_ready(request: Request) -> bool:
     return bool(getattr(request.app.state, "ready", False))
 
 
+def require_ready(state) -> tuple[ModelRuntime, Batcher, Settings]:
+    """The loaded model, its batcher and the settings, or a 503 while not ready."""
+    if not getattr(state, "ready", False):
+        raise APIError(503, "not_ready", NOT_READY_DETAIL, headers={"Retry-After": "1"})
+    return state.runtime, state.batcher, state.settings
+
+
 async def get_runtime(request: Request) -> ModelRuntime:
     state = request.app.state
     if not getattr(state, "ready", False):
