@@ -370,6 +370,7 @@ def _reference_counts(size: int = 224) -> tuple[int, int]:
     return macs + m * 1000, params + m * 1000  # + FC (its zero bias is dropped by the export)
 
 
+@pytest.mark.slow
 def test_paper_table_6_and_2_figures_for_1_0_224(paper_224):
     report = analyze_model(paper_224)
     t = report.totals
@@ -482,3 +483,16 @@ def test_endpoint_profiles_on_demand(client):
     assert profile is not None and profile.runs == 2
     assert profile.providers == ["CPUExecutionProvider"]
     assert all(layer.time_us > 0 for layer in profile.layers)
+
+
+def test_model_cli_registers_the_cost_subcommand(tiny_model_path):
+    pytest.importorskip("model.cli")
+    done = subprocess.run(
+        [sys.executable, "-m", "model", "cost", str(tiny_model_path), "--format", "markdown"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "### Separable pairs" in done.stdout and "| Conv DW 3x3 | 13 |" in done.stdout
