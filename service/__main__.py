@@ -7,9 +7,12 @@ clear line (status 1) instead of a lifespan traceback; a bad setting exits with 
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
+import shutil
 import sys
+import tempfile
 
 from pydantic import ValidationError
 
@@ -26,6 +29,26 @@ FLAGS = {
     "--provider": "SEPCONV_PROVIDER",
     "--log-level": "SEPCONV_LOG_LEVEL",
 }
+
+
+def _share_metrics_between_workers(workers: int) -> None:
+    """Point prometheus_client's multiprocess mode at an empty directory.
+
+    Must happen before a worker imports prometheus_client; uvicorn's workers inherit the
+    environment. Files left by an earlier run would be counted again, so the directory is
+    emptied (or created fresh and removed at exit).
+    """
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        os.makedirs(path, exist_ok=True)
+        for name in os.listdir(path):
+            if name.endswith(".db"):
+                os.remove(os.path.join(path, name))
+    else:
+        path = tempfile.mkdtemp(prefix="sepconv-metrics-")
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    log.info("%d workers share metrics through %s", workers, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
+    if settings.workers > 1:
+        _share_metrics_between_workers(settings.workers)
     uvicorn.run(
         "service.main:create_app",
         factory=True,

@@ -17,7 +17,7 @@ from service.api.middleware import BodySizeLimitMiddleware
 from service.api.routes import classify, cost, health, models, oip
 from service.batcher import Batcher
 from service.errors import install_error_handlers
-from service.metrics import MODEL_INFO, MetricsMiddleware
+from service.metrics import MetricsMiddleware, mark_process_dead, set_model_info
 from service.runtime import ModelRuntime
 from service.settings import Settings
 
@@ -70,13 +70,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     batcher.start()
     app.state.runtime = runtime
     app.state.batcher = batcher
-    MODEL_INFO.info(
-        {
-            "name": runtime.spec.name,
-            "version": runtime.spec.version,
-            "provider": runtime.providers[0],
-            "precision": runtime.spec.precision,
-        }
+    set_model_info(
+        runtime.spec.name, runtime.spec.version, runtime.providers[0], runtime.spec.precision
     )
     app.state.ready = True
     log.info(
@@ -95,6 +90,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Not ready first, so a load balancer stops sending while queued requests drain.
         app.state.ready = False
         await batcher.stop()
+        mark_process_dead()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -7,9 +7,11 @@ scanner hitting random URLs cannot blow up the series count.
 
 from __future__ import annotations
 
+import os
 import time
 
-from prometheus_client import Counter, Gauge, Histogram, Info
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import multiprocess as _multiprocess
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 #: Sub-millisecond to seconds: a 28px image takes ~0.1 ms to preprocess, a 224px batch ~100 ms.
@@ -41,7 +43,14 @@ INFERENCE_DURATION = Histogram(
 IMAGES_CLASSIFIED = Counter(
     "sepconv_images_classified_total", "Images that went through the model."
 )
-MODEL_INFO = Info("sepconv_model", "The served model and the execution provider that runs it.")
+#: An info metric written as the gauge it is on the wire (``sepconv_model_info{...} 1``), because
+#: prometheus_client's Info type does not work across worker processes.
+MODEL_INFO = Gauge(
+    "sepconv_model_info",
+    "The served model and the execution provider that runs it.",
+    ["name", "version", "provider", "precision"],
+    multiprocess_mode="max",
+)
 
 BATCH_QUEUE_WAIT = Histogram(
     "sepconv_batch_queue_wait_seconds",
@@ -51,7 +60,11 @@ BATCH_QUEUE_WAIT = Histogram(
 BATCH_SIZE = Histogram(
     "sepconv_batch_size", "Images per batch sent to the model.", buckets=BATCH_SIZE_BUCKETS
 )
-BATCH_QUEUE_DEPTH = Gauge("sepconv_batch_queue_depth", "Images waiting in the batch queue.")
+BATCH_QUEUE_DEPTH = Gauge(
+    "sepconv_batch_queue_depth",
+    "Images waiting in the batch queue (summed over worker processes).",
+    multiprocess_mode="livesum",
+)
 BATCH_REJECTED = Counter(
     "sepconv_batch_rejected_total",
     "Images the batcher refused or gave up on, by reason (queue_full, timeout).",
@@ -63,6 +76,31 @@ UNMATCHED_ROUTE = "<unmatched>"
 #: (route, method, status) -> metric children; bounded like the label set itself, and it saves
 #: the label lookup (a lock and a dict) on every request.
 _children: dict[tuple[str, str, int], tuple] = {}
+
+
+def multiprocess_enabled() -> bool:
+    """Several uvicorn workers share metrics through files in ``PROMETHEUS_MULTIPROC_DIR``."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+def exposition_registry() -> CollectorRegistry:
+    """The registry /metrics renders: all workers' files when there are several, else ours."""
+    if not multiprocess_enabled():
+        return REGISTRY
+    registry = CollectorRegistry()
+    _multiprocess.MultiProcessCollector(registry)
+    return registry
+
+
+def set_model_info(name: str, version: str, provider: str, precision: str) -> None:
+    MODEL_INFO.clear()
+    MODEL_INFO.labels(name, version, provider, precision).set(1)
+
+
+def mark_process_dead() -> None:
+    """Drop this worker's live gauges from the shared files when it exits."""
+    if multiprocess_enabled():
+        _multiprocess.mark_process_dead(os.getpid())
 
 
 def route_template(scope: Scope) -> str:

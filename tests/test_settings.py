@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -90,3 +91,69 @@ def test_invalid_setting_exits_with_usage_status(tmp_path):
     proc, _ = _serve(tmp_path, SEPCONV_WORKERS="zero")
     assert proc.returncode == 2
     assert "workers" in proc.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, data: bytes | None = None, ctype: str = "") -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": ctype} if ctype else {})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except OSError:
+        return 0, b""
+
+
+@pytest.mark.slow
+def test_two_workers_serve_and_aggregate_metrics(tmp_path, tiny_model_path, make_png):
+    """`python -m service` for real: two uvicorn workers, metrics summed over both."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SEPCONV_", "PROMETHEUS_"))}
+    env |= {
+        "SEPCONV_MODEL_PATH": str(tiny_model_path),
+        "SEPCONV_PORT": str(port),
+        "SEPCONV_WORKERS": "2",
+        "SEPCONV_LOG_LEVEL": "warning",
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=tmp_path, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while _get(base + "/readyz")[0] != 200:
+            assert proc.poll() is None, "server exited during start-up"
+            assert time.monotonic() < deadline, "server not ready within 60 s"
+            time.sleep(0.2)
+        n = 12  # new connections each time, so both workers get some
+        for i in range(n):
+            status, _ = _get(base + "/v1/classify", make_png(i), "image/png")
+            assert status == 200
+        status, text = _get(base + "/metrics")
+        text = text.decode()
+        line = next(
+            ln
+            for ln in text.splitlines()
+            if ln.startswith("sepconv_http_requests_total{")
+            and 'route="/v1/classify"' in ln
+            and 'status="200"' in ln
+        )
+        assert float(line.rsplit(" ", 1)[1]) == n
+        assert "sepconv_model_info{" in text
+        if shutil.which("promtool"):
+            lint = subprocess.run(
+                ["promtool", "check", "metrics"], input=text, capture_output=True, text=True
+            )
+            assert lint.returncode == 0, lint.stdout + lint.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

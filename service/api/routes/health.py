@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
 from service.api.deps import NOT_READY_DETAIL, is_ready
 from service.errors import error_body, error_example
+from service.metrics import exposition_registry
 
 router = APIRouter(tags=["operations"])
 
@@ -52,7 +53,9 @@ async def readyz(request: Request) -> Response:
     "/metrics",
     summary="Prometheus metrics",
     description="Prometheus text exposition: HTTP traffic by route template and status, "
-    "preprocess and inference latency histograms, batcher queue and batch size, model info.",
+    "preprocess and inference latency histograms, batcher queue and batch size, model info. "
+    "With several worker processes it aggregates all of them (prometheus_client multiprocess "
+    "mode).",
     response_class=Response,
     responses={
         200: {
@@ -67,4 +70,4 @@ async def readyz(request: Request) -> Response:
     },
 )
 async def metrics() -> Response:
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(exposition_registry()), media_type=CONTENT_TYPE_LATEST)
