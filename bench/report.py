@@ -110,10 +110,10 @@ def plot(model: dict[str, Any], path: Path) -> Path:
         ax.axvline(raw["images_per_s"], color="grey", linestyle=":", linewidth=1)
         ax.text(
             raw["images_per_s"],
-            0.98,
-            f" raw ORT b{raw['batch']}",
+            0.02,
+            f" raw ORT, batch {raw['batch']}",
             rotation=90,
-            va="top",
+            va="bottom",
             fontsize=7,
             color="grey",
             transform=ax.get_xaxis_transform(),
@@ -123,7 +123,7 @@ def plot(model: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("latency (ms)")
     ax.set_title(model["title"], fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="best", framealpha=0.9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
