@@ -398,6 +398,16 @@ def test_bad_parameters_are_422(client, make_png):
     assert len(r.json()["results"][0]["predictions"]) == 1
 
 
+def test_multipart_problems(tiny_model_path, make_png):
+    with TestClient(create_app(_settings(tiny_model_path, max_images_per_request=2))) as c:
+        files = [("file", (f"{i}.png", make_png(i), "image/png")) for i in range(3)]
+        _assert_error(c.post("/v1/classify", files=files), 413, "too_many_images", "at most 2")
+        broken = {"content-type": "multipart/form-data"}  # no boundary
+        _assert_error(
+            c.post("/v1/classify", content=b"abc", headers=broken), 400, "invalid_multipart"
+        )
+
+
 def test_unknown_route_and_method(client):
     _assert_error(client.get("/v1/nope"), 404, "not_found")
     _assert_error(client.get("/v1/classify"), 405, "method_not_allowed")

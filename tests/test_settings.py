@@ -157,3 +157,10 @@ def test_two_workers_serve_and_aggregate_metrics(tmp_path, tiny_model_path, make
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_readme_documents_every_setting():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Serving", 1)[1].split("\n## ", 1)[0]
+    for name in Settings.model_fields:
+        assert f"`SEPCONV_{name.upper()}`" in section, name

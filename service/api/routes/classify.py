@@ -10,6 +10,7 @@ import orjson
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from service.api.deps import NOT_READY_DETAIL, require_ready
@@ -166,7 +167,18 @@ def _unsupported(media: str) -> APIError:
 async def _read_multipart(request: Request, settings: Settings) -> tuple[list[bytes], list[str]]:
     blobs: list[bytes] = []
     names: list[str] = []
-    async with request.form(max_files=settings.max_images_per_request, max_fields=16) as form:
+    limit = settings.max_images_per_request
+    try:
+        form = await request.form(max_files=limit, max_fields=16)
+    except APIError:
+        raise  # the body limit, raised while the form streamed in
+    except StarletteHTTPException as exc:
+        # Starlette reports every multipart problem as a 400 with a message; the file cap is
+        # the one that deserves its own status and code.
+        if "Too many files" in str(exc.detail):
+            raise APIError(413, "too_many_images", f"at most {limit} images per request") from exc
+        raise APIError(400, "invalid_multipart", f"malformed multipart body: {exc.detail}") from exc
+    try:
         parts = form.getlist("file")
         if not parts:
             raise APIError(422, "missing_file", "the multipart body has no `file` field")
@@ -178,6 +190,8 @@ async def _read_multipart(request: Request, settings: Settings) -> tuple[list[by
                 raise _unsupported(media)
             blobs.append(await part.read())
             names.append(part.filename or "")
+    finally:
+        await form.close()  # removes spooled temporary files at once
     return blobs, names
 
 
