@@ -98,6 +98,19 @@ def test_model_without_metadata_is_refused(tmp_path, tiny_model_path):
         ModelRuntime(bare)
 
 
+def test_metadata_that_contradicts_the_graph_is_refused(tmp_path, tiny_model_path):
+    import onnx
+
+    proto = onnx.load(str(tiny_model_path))
+    for prop in proto.metadata_props:
+        if prop.key == "sepconv.input_size":
+            prop.value = "32"  # the graph takes 28 px
+    lying = tmp_path / "lying.onnx"
+    onnx.save(proto, lying)
+    with pytest.raises(ModelLoadError, match="does not match the metadata"):
+        ModelRuntime(lying)
+
+
 def test_cuda_requested_without_cuda_fails_clearly(tiny_model_path):
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime offers CUDA")
@@ -514,6 +527,8 @@ def test_openapi_documents_every_endpoint_with_examples(client):
         op = spec["paths"][path][method]
         assert op["summary"] and op["description"]
     classify = spec["paths"]["/v1/classify"]["post"]
+    [top_k] = [p for p in classify["parameters"] if p["name"] == "top_k"]
+    assert top_k["schema"]["minimum"] == 1 and top_k["schema"]["default"] == 5
     assert {"multipart/form-data", "image/*"} <= set(classify["requestBody"]["content"])
     for status in ("200", "400", "413", "415", "422", "429", "503", "504"):
         assert "example" in classify["responses"][status]["content"]["application/json"]
