@@ -194,6 +194,31 @@ def test_served_tensor_is_the_shared_preprocessing(tiny_rgb_model_path):
     np.testing.assert_array_equal(seen[0][0], expected)
 
 
+@pytest.mark.parametrize("shape", [(224, 224, 3), (4, 28, 28, 1), (2, 9, 7, 3)])
+def test_table_normalize_is_bit_identical_to_the_formula(shape):
+    """normalize() looks uint8 values up in a table; it must equal the float32 formula exactly."""
+    from service.preprocess import normalize
+    from service.spec import ModelSpec
+
+    c = shape[-1]
+    spec = ModelSpec(
+        labels=["a"],
+        input_size=8,
+        color_mode="L" if c == 1 else "RGB",
+        mean=[0.485, 0.456, 0.406][:c],
+        std=[0.229, 0.224, 0.225][:c],
+        alpha=1,
+    )
+    px = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    mean, std = np.float32(spec.mean), np.float32(spec.std)
+    formula = (px.astype(np.float32) * np.float32(1 / 255) - mean) / std
+    expected = np.moveaxis(formula, -1, -3)
+    out = normalize(px, spec)
+    assert out.dtype == np.float32 and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(normalize(px.astype(np.float32), spec), expected)
+
+
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kw)
