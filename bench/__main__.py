@@ -34,6 +34,20 @@ from service.settings import Settings
 log = logging.getLogger("bench")
 
 DEFAULT_CONCURRENCY = "1,2,4,8,16,32,64"
+FULL: dict[str, Any] = {
+    "concurrency": [1, 2, 4, 8, 16, 32, 64],
+    "duration": 5.0,
+    "warmup": 1.0,
+    "raw_duration": 3.0,
+    "open_fractions": [0.5, 0.8],
+}
+QUICK: dict[str, Any] = {
+    "concurrency": [1, 8, 32],
+    "duration": 2.0,
+    "warmup": 0.5,
+    "raw_duration": 1.5,
+    "open_fractions": [0.5],
+}
 
 
 def _ints(text: str) -> list[int]:
@@ -63,18 +77,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated: 'default' (artifacts/model.onnx, else an untrained export of "
         "its configuration), '224' (untrained alpha=1 224x224 1000 classes) or ONNX paths",
     )
-    p.add_argument("--concurrency", type=_ints, default=_ints(DEFAULT_CONCURRENCY))
-    p.add_argument("--duration", type=float, default=5.0, help="measured seconds per point")
-    p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds per point")
+    p.add_argument("--concurrency", type=_ints, help=f"closed-loop levels ({DEFAULT_CONCURRENCY})")
+    p.add_argument("--duration", type=float, help="measured seconds per point (5)")
+    p.add_argument("--warmup", type=float, help="unmeasured seconds per point (1)")
     p.add_argument("--max-requests", type=int, default=50_000, help="cap per point")
     p.add_argument(
         "--open-fractions",
         type=_floats,
-        default=[0.5, 0.8],
-        help="open-loop rates as fractions of the best closed-loop req/s ('' for none)",
+        help="open-loop rates as fractions of the best closed-loop req/s (0.5,0.8; '' for none)",
     )
     p.add_argument("--fixed-interval", action="store_true", help="open loop without Poisson")
-    p.add_argument("--raw-duration", type=float, default=3.0, help="seconds per raw ORT batch")
+    p.add_argument("--raw-duration", type=float, help="seconds per raw ORT batch (3)")
     p.add_argument(
         "--raw-batches",
         type=_ints,
@@ -94,14 +107,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, default=Path("docs"), help="where the report goes")
     p.add_argument("--name", default="bench", help="report file prefix: OUT/NAME_results.md")
-    p.add_argument("--quick", action="store_true", help="trial run: c=1,8,32, 2 s points")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="trial defaults: c=1,8,32, 2 s points, one open-loop rate",
+    )
     args = p.parse_args(argv)
-    if args.quick:
-        args.concurrency = [1, 8, 32]
-        args.duration = min(args.duration, 2.0)
-        args.warmup = min(args.warmup, 0.5)
-        args.raw_duration = min(args.raw_duration, 1.5)
-        args.open_fractions = args.open_fractions[:1]
+    # Explicit flags win over both presets.
+    preset = QUICK if args.quick else FULL
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     return args
 
 

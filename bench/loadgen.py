@@ -210,9 +210,11 @@ async def _one(
 ) -> tuple[Connection | None, int | None, str | None]:
     """Send one request on ``conn`` (opened if None); the connection is None when it broke."""
     try:
-        if conn is None:
-            conn = await asyncio.wait_for(Connection.open(target.host, target.port), timeout)
-        status, keep_alive = await asyncio.wait_for(conn.request(raw), timeout)
+        # asyncio.timeout is a timer handle; wait_for would wrap every request in a new Task.
+        async with asyncio.timeout(timeout):
+            if conn is None:
+                conn = await Connection.open(target.host, target.port)
+            status, keep_alive = await conn.request(raw)
     except Exception as exc:  # every failure is counted, none ends the run
         if conn is not None:
             conn.close()

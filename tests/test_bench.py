@@ -124,7 +124,10 @@ def test_bench_cli_flags_become_settings():
         "SEPCONV_MAX_WAIT_MS": "1.5",
         "SEPCONV_ORT_SPINNING": "1",
     }
-    assert parse_args(["--quick"]).concurrency == [1, 8, 32]
+    quick = parse_args(["--quick", "--duration", "3"])
+    assert (quick.concurrency, quick.duration, quick.open_fractions) == ([1, 8, 32], 3.0, [0.5])
+    full = parse_args(["--concurrency", "4,64", "--open-fractions", ""])
+    assert (full.concurrency, full.duration, full.open_fractions) == ([4, 64], 5.0, [])
 
 
 def test_sample_images_match_the_model(tiny_rgb_model_path):
@@ -168,3 +171,12 @@ def test_targets_and_report(tiny_model_path, tmp_path):
     assert "| concurrency 32 | 100.0 | 0.83x |" in text
     assert "**no**" in text
     assert plot(entry, tmp_path / "plot.png").stat().st_size > 1000
+
+
+def test_selftest_drives_a_trivial_server(capsys):
+    from bench import selftest
+
+    assert selftest.main(["--duration", "0.3", "--rate", "200"]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert [r.split()[0] for r in rows] == ["closed", "closed", "closed", "open"]
+    assert all(float(r.split()[2]) > 0 for r in rows)  # every load level got answers
