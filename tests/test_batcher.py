@@ -127,7 +127,7 @@ def test_full_queue_rejects_at_once():
         return info.value, elapsed, done
 
     err, elapsed, done = run(_with_batcher(model, body, max_batch_size=1, max_queue_size=2))
-    assert elapsed < 0.05 and err.retry_after_s >= 1
+    assert elapsed < 1.0 and err.retry_after_s >= 1  # at once, not after the 10 s timeout
     assert [d[0] for d in done] == [0, 16, 32]
     assert _sample("sepconv_batch_rejected_total", reason="queue_full") == before + 1
 
