@@ -37,6 +37,7 @@ COPY model ./model
 RUN --mount=type=secret,id=ca_bundle \
     if [ -s /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi \
  && /opt/venv/bin/pip install ".[cpu]" \
+ && /opt/venv/bin/python -m pip uninstall -y pip setuptools \
  && ! /opt/venv/bin/python -c "import torch" 2>/dev/null
 
 # ---------------------------------------------------------------- API image (CPU)
@@ -84,7 +85,8 @@ COPY service ./service
 COPY model ./model
 RUN --mount=type=secret,id=ca_bundle \
     if [ -s /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi \
- && /opt/venv/bin/pip install ".[gpu]"
+ && /opt/venv/bin/pip install ".[gpu]" \
+ && /opt/venv/bin/python -m pip uninstall -y pip setuptools
 
 # ---------------------------------------------------------------- API image (CUDA)
 FROM cuda-base AS runtime-cuda

@@ -159,7 +159,9 @@ def main() -> int:
     provider = prom_query(prom, "sepconv_model_info")[0]["metric"]
     keys = ("name", "version", "provider", "precision")
     summary["model_info"] = {k: provider.get(k) for k in keys}
-    summary["panels_with_data"] = len(panels)
+    summary["dashboard_queries_with_data"] = len(panels)
+    with open(args.dashboard) as f:
+        summary["dashboard_panels"] = len(json.load(f)["panels"])
     summary["requests_sent"] = sent
 
     # Rules loaded and healthy, targets up.

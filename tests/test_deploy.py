@@ -297,7 +297,7 @@ def test_end_to_end_compose_stack(tmp_path):
     print(json.dumps(result, indent=2))
     checks = result["checks"]
     assert checks["latency_histogram"]["requests_200"] > 0
-    assert checks["panels_with_data"] == len(dashboard_targets())
+    assert checks["dashboard_queries_with_data"] == len(dashboard_targets())
     assert checks["model_info"]["provider"] == "CPUExecutionProvider"
     assert checks["overload_status"] == 429
     assert result["api_uid"] != 0

@@ -19,7 +19,7 @@ CACHE_DIR=${SEPCONV_E2E_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sepconv-serve/e2e
 DOCKER=${DOCKER:-/usr/bin/docker}
 SUITE=bookworm
 PACKAGES=python3,python3-venv,python-is-python3,ca-certificates
-tarball="$CACHE_DIR/rootfs-$SUITE-minbase-python3.tar"
+tarball="$CACHE_DIR/rootfs-$SUITE-minbase-python3-v2.tar"  # bump when the recipe changes
 
 # The mirror this machine's apt already uses (deb822 .sources or one-line sources.list).
 debian_mirror() {
@@ -51,6 +51,14 @@ if [ ! -s "$tarball" ]; then
   rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* \
          "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/* "$rootfs"/usr/share/info/*
   echo "deb $mirror $SUITE main" > "$rootfs/etc/apt/sources.list"
+  # As in Debian's official images: apt keeps no package cache or .bin caches in image layers.
+  cat > "$rootfs/etc/apt/apt.conf.d/docker-clean" <<'APT'
+DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+Dir::Cache::pkgcache "";
+Dir::Cache::srcpkgcache "";
+APT
+  rm -f "$rootfs"/var/cache/apt/*.bin
   tar --numeric-owner -C "$rootfs" -cf "$tarball.tmp" .
   mv "$tarball.tmp" "$tarball"
 fi

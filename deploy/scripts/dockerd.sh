@@ -34,16 +34,24 @@ start)
   ;;
 stop)
   pidfile="$run_dir/dockerd.pid"
-  [ -s "$pidfile" ] || exit 0
-  pid=$(cat "$pidfile")
-  kill -TERM "$pid" 2>/dev/null || exit 0
-  # dockerd stops its containers and its containerd before it exits.
-  for _ in $(seq 1 60); do
-    kill -0 "$pid" 2>/dev/null || exit 0
-    sleep 0.5
-  done
-  echo "dockerd.sh: dockerd $pid did not stop in 30 s; killing it" >&2
-  kill -KILL "$pid" 2>/dev/null || true
+  if [ -s "$pidfile" ]; then
+    pid=$(cat "$pidfile")
+    if kill -TERM "$pid" 2>/dev/null; then
+      # dockerd stops its containers and its containerd before it exits.
+      for _ in $(seq 1 60); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.5
+      done
+      if kill -0 "$pid" 2>/dev/null; then
+        echo "dockerd.sh: dockerd $pid did not stop in 30 s; killing it" >&2
+        kill -KILL "$pid" 2>/dev/null || true
+      fi
+    fi
+  fi
+  # dockerd leaves its network namespace mounted under the exec root; unmount what is left,
+  # deepest first, so the run directory can be removed.
+  awk -v root="$run_dir/" 'index($2, root) == 1 { print $2 }' /proc/mounts | sort -r \
+    | while read -r mnt; do umount "$mnt" 2>/dev/null || umount -l "$mnt"; done
   ;;
 *)
   echo "usage: $0 start RUN_DIR DATA_ROOT | stop RUN_DIR" >&2
