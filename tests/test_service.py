@@ -479,6 +479,19 @@ def test_batcher_errors_map_to_http(client, make_png, exc, status, error):
         assert r.headers["retry-after"] == "3"
 
 
+def test_fastapi_validation_errors_use_the_same_body(tiny_model_path):
+    app = create_app(_settings(tiny_model_path))
+
+    async def echo(n: int) -> dict:
+        return {"n": n}
+
+    app.add_api_route("/echo", echo)
+    with TestClient(app) as c:
+        _assert_error(c.get("/echo?n=abc"), 422, "invalid_parameter", "query.n")
+        _assert_error(c.get("/echo"), 422, "invalid_parameter", "query.n")
+        assert c.get("/echo?n=3").json() == {"n": 3}
+
+
 def test_real_server_fault_is_a_json_500(tiny_model_path):
     app = create_app(_settings(tiny_model_path))
 
