@@ -26,7 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from bench import loadgen, raw_ort, report
-from bench.models import BenchModel, custom_model, default_model, imagenet_shape_model
+from bench.models import (
+    BenchModel,
+    custom_model,
+    default_model,
+    imagenet_shape_model,
+    int8_model,
+)
 from bench.models import sample_images as make_images
 from bench.server import ServerError, ServerProcess
 from service.settings import Settings
@@ -73,9 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--models",
-        default="default,224",
+        default="default,int8,224",
         help="comma-separated: 'default' (artifacts/model.onnx, else an untrained export of "
-        "its configuration), '224' (untrained alpha=1 224x224 1000 classes) or ONNX paths",
+        "its configuration), 'int8' (artifacts/model.int8.onnx, else the default quantized "
+        "here), '224' (untrained alpha=1 224x224 1000 classes) or ONNX paths",
     )
     p.add_argument("--concurrency", type=_ints, help=f"closed-loop levels ({DEFAULT_CONCURRENCY})")
     p.add_argument("--duration", type=float, help="measured seconds per point (5)")
@@ -318,6 +325,8 @@ def resolve_models(spec: str) -> list[BenchModel]:
     for item in (s.strip() for s in spec.split(",")):
         if item == "default":
             models.append(default_model())
+        elif item == "int8":
+            models.append(int8_model())
         elif item == "224":
             models.append(imagenet_shape_model())
         elif item:

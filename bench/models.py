@@ -20,6 +20,7 @@ from service.spec import ModelSpec, read_spec
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = Path("artifacts/model.onnx")
+INT8_MODEL = Path("artifacts/model.int8.onnx")  # what `python -m model build --int8` writes
 #: Where untrained stand-ins are cached between runs (git-ignored).
 CACHE_DIR = Path("artifacts/bench")
 
@@ -86,6 +87,27 @@ def default_model(path: Path = DEFAULT_MODEL, cache_dir: Path = CACHE_DIR) -> Be
     spec = read_spec(str(cached))
     title = f"default config, untrained ({_describe(spec)}; {path} absent)"
     return BenchModel("default", title, cached, spec, False)
+
+
+def int8_model(path: Path = INT8_MODEL, cache_dir: Path = CACHE_DIR) -> BenchModel:
+    """``artifacts/model.int8.onnx``, else the default model quantized here for speed only.
+
+    The stand-in is calibrated on random standardised inputs: its speed is that of a real
+    INT8 build (same graph, same kernels), its answers are not.
+    """
+    if path.is_file():
+        spec = read_spec(str(path))
+        return BenchModel("int8", f"INT8 model ({_describe(spec)})", path, spec, True)
+    from model.quantize import quantize_int8
+
+    fp32 = default_model(cache_dir=cache_dir)
+    cached = cache_dir / (fp32.path.stem + ".int8-speed-only.onnx")
+    if not cached.is_file():
+        log.info("quantizing %s to %s (random calibration, speed only)", fp32.path, cached)
+        quantize_int8(fp32.path, normalized_batch(fp32.spec, 32), cached)
+    spec = read_spec(str(cached))
+    title = f"INT8 of the default model, calibrated on noise ({_describe(spec)}; {path} absent)"
+    return BenchModel("int8", title, cached, spec, False)
 
 
 def imagenet_shape_model(cache_dir: Path = CACHE_DIR) -> BenchModel:
