@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -17,6 +19,26 @@ log = logging.getLogger(__name__)
 
 #: Pinned so an export reads the same in every ONNX Runtime the service supports.
 OPSET = 18
+#: Loggers the exporter talks through: torch.onnx warns about every absent torchvision op, and
+#: the onnxscript optimiser logs each pass at INFO.
+_CHATTY_LOGGERS = {
+    "torch.onnx": logging.ERROR,
+    "onnxscript": logging.WARNING,
+    "onnx_ir": logging.WARNING,
+}
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    loggers = {name: logging.getLogger(name) for name in _CHATTY_LOGGERS}
+    saved = {name: lg.level for name, lg in loggers.items()}
+    for name, lg in loggers.items():
+        lg.setLevel(max(_CHATTY_LOGGERS[name], lg.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        for name, lg in loggers.items():
+            lg.setLevel(saved[name])
 
 
 def export_onnx(net: nn.Module, spec: ModelSpec, path: str | Path) -> Path:
@@ -37,7 +59,7 @@ def export_onnx(net: nn.Module, spec: ModelSpec, path: str | Path) -> Path:
     net = net.eval().cpu()
     example = torch.zeros(2, spec.channels, spec.input_size, spec.input_size)
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), _quiet_exporter():
             warnings.simplefilter("ignore")  # the exporter is chatty about internals we do not use
             program = torch.onnx.export(
                 net,

@@ -1,0 +1,7 @@
+"""``python -m model build|cost ...``"""
+
+import sys
+
+from model.cli import main
+
+sys.exit(main())
