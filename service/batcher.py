@@ -53,6 +53,11 @@ class RequestTimeoutError(BatcherError):
     """The result did not come within the per-request timeout."""
 
 
+class InvalidInputError(BatcherError, ValueError):
+    """The item does not have the model's input shape or dtype (refused before it can poison a
+    batch shared with other requests)."""
+
+
 class BatchFailedError(BatcherError):
     """The model run for the batch holding this request failed (a server fault)."""
 
@@ -68,6 +73,7 @@ class Batcher:
         max_wait_s: float = 0.002,
         max_queue_size: int = 512,
         timeout_s: float = 10.0,
+        item_shape: tuple[int, ...] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_wait_s < 0 or timeout_s <= 0:
             raise ValueError("batcher limits must be positive")
@@ -76,6 +82,7 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self.max_queue_size = max_queue_size
         self.timeout_s = timeout_s
+        self.item_shape = tuple(item_shape) if item_shape is not None else None
         self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future, float]] = asyncio.Queue(
             maxsize=max_queue_size
         )
@@ -113,6 +120,10 @@ class Batcher:
     async def submit(self, x: np.ndarray) -> np.ndarray:
         if self._worker is None or self._worker.done():
             raise BatchFailedError("the batch worker is not running")
+        if x.dtype != np.float32 or (self.item_shape is not None and x.shape != self.item_shape):
+            raise InvalidInputError(
+                f"input must be float32 {self.item_shape}, got {x.dtype} {tuple(x.shape)}"
+            )
         loop = asyncio.get_running_loop()
         fut: asyncio.Future = loop.create_future()
         try:

@@ -95,11 +95,13 @@ async def _image_error(request: Request, exc: Exception) -> Response:
 
 
 async def _batcher_error(request: Request, exc: Exception) -> Response:
-    from service.batcher import QueueFullError, RequestTimeoutError
+    from service.batcher import InvalidInputError, QueueFullError, RequestTimeoutError
 
     if isinstance(exc, QueueFullError):
         headers = {"Retry-After": str(exc.retry_after_s)}
         return error_response(request.url.path, 429, "overloaded", str(exc), headers)
+    if isinstance(exc, InvalidInputError):
+        return error_response(request.url.path, 400, "invalid_input", str(exc))
     if isinstance(exc, RequestTimeoutError):
         return error_response(request.url.path, 504, "timeout", str(exc))
     # BatchFailedError: the model run failed, which is the server's fault, not the client's.

@@ -66,6 +66,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         max_wait_s=settings.max_wait_ms / 1000,
         max_queue_size=settings.max_queue_size,
         timeout_s=settings.request_timeout_s,
+        item_shape=runtime.input_shape,
     )
     batcher.start()
     app.state.runtime = runtime

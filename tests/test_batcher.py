@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from service.batcher import Batcher, BatchFailedError, QueueFullError, RequestTimeoutError
+from service.batcher import (
+    Batcher,
+    BatchFailedError,
+    InvalidInputError,
+    QueueFullError,
+    RequestTimeoutError,
+)
 
 
 def _sample(name: str, **labels: str) -> float:
@@ -254,3 +260,17 @@ def test_stop_fails_queued_requests_instead_of_hanging():
 def test_invalid_limits_are_refused():
     with pytest.raises(ValueError):
         Batcher(FakeModel(), max_batch_size=0)
+
+
+def test_malformed_item_is_refused_without_touching_the_batch():
+    model = FakeModel()
+
+    async def body(b: Batcher):
+        with pytest.raises(InvalidInputError, match="float32"):
+            await b.submit(np.zeros((1, 4, 4), np.float64))
+        with pytest.raises(InvalidInputError, match=r"\(1, 4, 4\)"):
+            await b.submit(np.zeros((1, 5, 4), np.float32))
+        return await b.submit(_image(1))
+
+    out = run(_with_batcher(model, body, item_shape=(1, 4, 4)))
+    assert out[0] == 16 and len(model.batches) == 1

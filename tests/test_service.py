@@ -16,7 +16,12 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client import REGISTRY
 
-from service.batcher import BatchFailedError, QueueFullError, RequestTimeoutError
+from service.batcher import (
+    BatchFailedError,
+    InvalidInputError,
+    QueueFullError,
+    RequestTimeoutError,
+)
 from service.main import create_app
 from service.postprocess import softmax
 from service.preprocess import preprocess_bytes
@@ -465,6 +470,7 @@ class _FailingBatcher:
         (QueueFullError(512, retry_after_s=3), 429, "overloaded"),
         (RequestTimeoutError("no result within 10 s"), 504, "timeout"),
         (BatchFailedError("inference failed for a batch of 4: boom"), 500, "inference_failed"),
+        (InvalidInputError("input must be float32 (1, 28, 28)"), 400, "invalid_input"),
     ],
 )
 def test_batcher_errors_map_to_http(client, make_png, exc, status, error):
