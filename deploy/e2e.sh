@@ -32,6 +32,12 @@ CA_BUNDLE=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 TORCH_WHEEL=${TORCH_WHEEL:-$(ls /opt/wheels/torch-2.13.0+cpu-*.whl 2>/dev/null | head -n1 || true)}
 PROJECT=sepconv-e2e
 
+# One run at a time per cache: two engines on one data root would corrupt it, and the ports are
+# fixed. A second run waits for the first.
+mkdir -p "$SEPCONV_E2E_CACHE"
+exec 9>"$SEPCONV_E2E_CACHE/lock"
+flock 9
+
 # A short path: unix socket paths are limited to 108 bytes.
 run_dir=$(mktemp -d /tmp/sepconv-e2e.XXXXXX)
 timings=()
