@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -210,6 +211,14 @@ def load_fashion_mnist(
     return _with_stats(Dataset("fashion-mnist", list(FASHION_MNIST_LABELS), train, test, pixels))
 
 
+def progress(iterable, **kwargs):
+    """A tqdm bar that redraws often on a terminal and only every few seconds in a log file."""
+    from tqdm import tqdm
+
+    interactive = sys.stderr.isatty()
+    return tqdm(iterable, mininterval=0.1 if interactive else 5.0, leave=False, **kwargs)
+
+
 def iter_batches(
     n: int, batch_size: int, *, rng: np.random.Generator | None = None, drop_last: bool = False
 ) -> list[np.ndarray]:
@@ -306,10 +315,8 @@ def load_image_folder(
         train_idx.extend(order[n_test:].tolist())
         labels.extend([cls] * len(files))
         offset += len(files)
-    from tqdm import tqdm
-
     images = np.empty((len(all_files), input_size, input_size, pixels.channels), np.uint8)
-    for i, path in enumerate(tqdm(all_files, desc="decode", unit="img", leave=False)):
+    for i, path in enumerate(progress(all_files, desc="decode", unit="img")):
         images[i] = _decode_file(path, pixels)
     y = np.asarray(labels, np.int64)
     train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)

@@ -8,9 +8,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from model.data import PixelSpec, Split, iter_batches
+from model.data import PixelSpec, Split, iter_batches, progress
 from service import preprocess
 
 
@@ -46,7 +45,7 @@ def evaluate(
     net.eval()
     loss_sum, correct = 0.0, 0
     try:
-        for idx in tqdm(iter_batches(len(split), batch_size), desc=desc, unit="batch", leave=False):
+        for idx in progress(iter_batches(len(split), batch_size), desc=desc, unit="batch"):
             x = to_input(split.images[idx], pixels, device, channels_last)
             y = torch.from_numpy(split.labels[idx]).to(device)
             with autocast(device):
@@ -64,7 +63,7 @@ def onnx_accuracy(
     """Accuracy of an ``onnxruntime.InferenceSession`` on ``split``, in batches."""
     input_name = session.get_inputs()[0].name
     correct = 0
-    for idx in tqdm(iter_batches(len(split), batch_size), desc=desc, unit="batch", leave=False):
+    for idx in progress(iter_batches(len(split), batch_size), desc=desc, unit="batch"):
         (logits,) = session.run(None, {input_name: preprocess.normalize(split.images[idx], pixels)})
         correct += int((logits.argmax(1) == split.labels[idx]).sum())
     return correct / len(split)

@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from model.data import PixelSpec, Split, iter_batches
+from model.data import PixelSpec, Split, iter_batches, progress
 from model.evaluate import autocast, evaluate, to_input
 from model.network import MobileNetV1
 from model.recipes import BuildConfig
@@ -184,7 +183,7 @@ def train_one_epoch(
         order = order[:max_steps]
     loss_sum, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
-    bar = tqdm(order, desc=f"epoch {epoch}/{config.epochs}", unit="batch", leave=False)
+    bar = progress(order, desc=f"epoch {epoch}/{config.epochs}", unit="batch")
     for idx in bar:
         x = augment(to_input(split.images[idx], pixels, device, False), config, fill, gen)
         y = torch.from_numpy(split.labels[idx]).to(device)
