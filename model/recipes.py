@@ -22,22 +22,22 @@ class BuildConfig:
     color: Literal["L", "RGB"] | None = None
     test_fraction: float = 0.2
     classes: int | None = None
-    alpha: float = 0.5
+    alpha: float = 0.25
     input_size: int = 28
     #: ``None``: 1 for inputs up to 64 px (so the 32x downsampling does not collapse the map).
     stem_stride: int | None = None
     dropout: float = 0.0
-    epochs: int = 5
+    epochs: int = 8
     batch_size: int = 128
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 4e-3
-    weight_decay: float = 0.05
+    optimizer: Literal["adamw", "sgd"] = "sgd"
+    lr: float = 0.4
+    weight_decay: float = 5e-5
     schedule: Literal["onecycle", "cosine"] = "onecycle"
     warmup_epochs: float = 0.3
     label_smoothing: float = 0.1
     #: Augmentation, applied on whole batches in torch: random crop from a zero-padded image,
     #: horizontal flip, random erasing.
-    crop_padding: int = 2
+    crop_padding: int = 0
     hflip: bool = True
     erase_prob: float = 0.0
     train_limit: int | None = None
@@ -63,27 +63,27 @@ class BuildConfig:
 
 
 RECIPES: dict[str, dict[str, Any]] = {
-    # The default: a 2-core CPU builds it in about six minutes.
+    # The default: a 2-core CPU builds it in about five minutes. Eight epochs leave the network
+    # still underfitting, so it gets only flips: random crops cost 1.4 points of test accuracy
+    # at this budget (90.6% against 92%, see the README).
     "quick": {},
     # For a GPU: wider, longer, stronger augmentation (random erasing) and SGD + Nesterov.
     "full": {
         "alpha": 1.0,
         "epochs": 60,
         "batch_size": 256,
-        "optimizer": "sgd",
         "lr": 0.1,
-        "weight_decay": 5e-5,
         "schedule": "cosine",
         "warmup_epochs": 3,
         "crop_padding": 4,
         "erase_prob": 0.5,
         "dropout": 0.2,
     },
-    # Seconds: CI and the container end-to-end test only check that the pipeline works.
+    # Seconds: CI and the container end-to-end test check that the pipeline works; two epochs
+    # on 3,000 images still give a model whose answers are better than chance.
     "smoke": {
-        "alpha": 0.25,
-        "epochs": 1,
-        "train_limit": 2000,
+        "epochs": 2,
+        "train_limit": 3000,
         "test_limit": 1000,
         "batch_size": 100,
         "calibration_size": 100,
