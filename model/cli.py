@@ -124,7 +124,15 @@ def build(config: BuildConfig, out: Path) -> int:
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     (out / "build_config.json").write_text(config.to_json())
-    log.info("recipe %s: %s", config.recipe, config.to_json().replace("\n", " "))
+    log.info(
+        "recipe %s: alpha %g, %d px, %d epoch(s), data %s; all settings in %s",
+        config.recipe,
+        config.alpha,
+        config.input_size,
+        config.epochs,
+        config.data,
+        out / "build_config.json",
+    )
     seed_everything(config.seed)
 
     dataset = None
