@@ -37,7 +37,9 @@ class ModelSpec(BaseModel):
     name: str = "mobilenet_v1"
     version: str = "0"
     labels: list[str] = Field(min_length=1)
-    input_size: int = Field(gt=0, description="Square input side in pixels (resolution multiplier).")
+    input_size: int = Field(
+        gt=0, description="Square input side in pixels (resolution multiplier)."
+    )
     color_mode: ColorMode
     mean: list[float]
     std: list[float]
