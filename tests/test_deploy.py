@@ -308,7 +308,9 @@ def test_end_to_end_compose_stack(tmp_path):
         proc.terminate()
         out, err = proc.communicate(timeout=180)
         pytest.fail(f"deploy/e2e.sh took over 15 minutes:\n{out[-4000:]}\n{err[-4000:]}")
-    tail = (out[-6000:] + "\n" + err[-6000:]).strip()
+    # The script's own verdicts first: the container and engine logs after them are long.
+    verdicts = "\n".join(line for line in err.splitlines() if line.startswith("e2e"))
+    tail = (verdicts + "\n" + out[-6000:] + "\n" + err[-6000:]).strip()
     assert proc.returncode == 0, f"deploy/e2e.sh failed:\n{tail}"
     result = json.loads(report.read_text())
     print(json.dumps(result, indent=2))
