@@ -30,6 +30,7 @@ from bench.models import (
     BenchModel,
     custom_model,
     default_model,
+    image_format,
     imagenet_shape_model,
     int8_model,
 )
@@ -159,7 +160,10 @@ def settings_for(model: BenchModel, env: dict[str, str]) -> Settings:
 def target_for(model: BenchModel, server: ServerProcess, endpoint: str) -> loadgen.Target:
     images = make_images(model.spec, count=64)
     if endpoint == "classify":
-        return loadgen.Target(server.host, server.port, "/v1/classify", tuple(images))
+        _, media_type = image_format(model.spec)
+        return loadgen.Target(
+            server.host, server.port, "/v1/classify", tuple(images), content_type=media_type
+        )
     # OIP binary tensor extension: JSON header, then the BYTES element (4-byte length + file).
     bodies = []
     for png in images:

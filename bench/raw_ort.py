@@ -2,8 +2,8 @@
 
 The session is built by the service's own :func:`service.main.load_runtime` from the same
 :class:`~service.settings.Settings` the server gets, so threads, spinning and graph optimisation
-match exactly. With ``workers`` server processes the server runs that many sessions side by
-side, so the yardstick does too (one thread each; ``session.run`` releases the GIL).
+match exactly. The server runs ``workers x lanes`` ORT runs side by side (worker processes, and
+batch lanes inside each), so the yardstick does too (``session.run`` releases the GIL).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def measure(
     """Images per second through ``session.run`` at ``batch``, over ``duration_s``."""
     from service.main import load_runtime
 
-    sessions = settings.workers
+    sessions = settings.workers * settings.lanes
     runtimes = [load_runtime(settings) for _ in range(sessions)]
     spec = runtimes[0].spec
     x = normalized_batch(spec, batch)

@@ -74,8 +74,15 @@ class Batcher:
         max_queue_size: int = 512,
         timeout_s: float = 10.0,
         item_shape: tuple[int, ...] | None = None,
+        lanes: int = 1,
     ) -> None:
-        if max_batch_size < 1 or max_queue_size < 1 or max_wait_s < 0 or timeout_s <= 0:
+        if (
+            max_batch_size < 1
+            or max_queue_size < 1
+            or max_wait_s < 0
+            or timeout_s <= 0
+            or lanes < 1
+        ):
             raise ValueError("batcher limits must be positive")
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
@@ -86,8 +93,14 @@ class Batcher:
         self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future, float]] = asyncio.Queue(
             maxsize=max_queue_size
         )
-        # One thread: batches run one after another, and ORT spreads each over its own threads.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sepconv-infer")
+        # ``lanes`` batches may run at once, each in its own thread (an ORT session may be run
+        # from several threads). One lane with multi-threaded ORT gives the lowest latency for
+        # a lone request; several single-threaded lanes waste no time in ORT's intra-op
+        # barriers, which a busy event loop on the same cores makes expensive.
+        self.lanes = lanes
+        self._lane_free = asyncio.Semaphore(lanes)
+        self._in_flight: set[asyncio.Task] = set()
+        self._executor = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="sepconv-infer")
         self._worker: asyncio.Task | None = None
         self._last_batch_s = 0.0  # recent batch duration, for Retry-After
 
@@ -105,12 +118,17 @@ class Batcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
             self._worker = None
+        for task in list(self._in_flight):
+            task.cancel()
+        if self._in_flight:
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
         while not self._queue.empty():
             _, fut, _ = self._queue.get_nowait()
             if not fut.done():
                 fut.set_exception(BatchFailedError("the server is shutting down"))
         BATCH_QUEUE_DEPTH.set(0)
-        self._executor.shutdown(wait=True)
+        # Off the event loop: a batch still in ORT finishes first, and the loop keeps serving.
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
 
     @property
     def depth(self) -> int:
@@ -177,43 +195,58 @@ class Batcher:
         return batch
 
     async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            collected = await self._collect()
+            # Wait for a free lane before collecting, so a batch keeps filling while all lanes
+            # are busy instead of leaving with whatever had arrived.
+            await self._lane_free.acquire()
+            try:
+                collected = await self._collect()
+            except BaseException:
+                self._lane_free.release()
+                raise
             now = time.monotonic()
             live = [item for item in collected if not item[1].done()]
             if not live:
+                self._lane_free.release()
                 continue
             for _, _, enqueued in live:
                 BATCH_QUEUE_WAIT.observe(now - enqueued)
             BATCH_SIZE.observe(len(live))
-            try:
-                x = np.stack([item[0] for item in live]) if len(live) > 1 else live[0][0][None]
-                out = await loop.run_in_executor(self._executor, self.run_batch, x)
-                if len(out) != len(live):
-                    raise BatchFailedError(
-                        f"the model returned {len(out)} results for a batch of {len(live)}"
-                    )
-            except asyncio.CancelledError:
-                for _, fut, _ in live:
-                    if not fut.done():
-                        fut.set_exception(BatchFailedError("the server is shutting down"))
-                raise
-            except Exception as exc:
-                log.exception("batch of %d failed", len(live))
-                err = (
-                    exc
-                    if isinstance(exc, BatchFailedError)
-                    else BatchFailedError(
-                        f"inference failed for a batch of {len(live)}: {type(exc).__name__}: {exc}"
-                    )
+            task = asyncio.get_running_loop().create_task(self._run(live, now))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+
+    async def _run(self, live: list[tuple[np.ndarray, asyncio.Future, float]], now: float) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            x = np.stack([item[0] for item in live]) if len(live) > 1 else live[0][0][None]
+            out = await loop.run_in_executor(self._executor, self.run_batch, x)
+            if len(out) != len(live):
+                raise BatchFailedError(
+                    f"the model returned {len(out)} results for a batch of {len(live)}"
                 )
-                for _, fut, _ in live:
-                    if not fut.done():
-                        fut.set_exception(err)
-                continue
-            self._last_batch_s = time.monotonic() - now
-            IMAGES_CLASSIFIED.inc(len(live))
-            for i, (_, fut, _) in enumerate(live):
-                if not fut.done():  # cancelled while the batch ran
-                    fut.set_result(out[i])
+        except asyncio.CancelledError:
+            for _, fut, _ in live:
+                if not fut.done():
+                    fut.set_exception(BatchFailedError("the server is shutting down"))
+            raise
+        except Exception as exc:
+            log.exception("batch of %d failed", len(live))
+            err = (
+                exc
+                if isinstance(exc, BatchFailedError)
+                else BatchFailedError(
+                    f"inference failed for a batch of {len(live)}: {type(exc).__name__}: {exc}"
+                )
+            )
+            for _, fut, _ in live:
+                if not fut.done():
+                    fut.set_exception(err)
+            return
+        finally:
+            self._lane_free.release()
+        self._last_batch_s = time.monotonic() - now
+        IMAGES_CLASSIFIED.inc(len(live))
+        for i, (_, fut, _) in enumerate(live):
+            if not fut.done():  # cancelled while the batch ran
+                fut.set_result(out[i])

@@ -67,6 +67,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         max_queue_size=settings.max_queue_size,
         timeout_s=settings.request_timeout_s,
         item_shape=runtime.input_shape,
+        lanes=settings.lanes,
     )
     batcher.start()
     app.state.runtime = runtime

@@ -274,3 +274,51 @@ def test_malformed_item_is_refused_without_touching_the_batch():
 
     out = run(_with_batcher(model, body, item_shape=(1, 4, 4)))
     assert out[0] == 16 and len(model.batches) == 1
+
+
+def test_lanes_run_batches_concurrently_without_mixing_results():
+    model = FakeModel(delay_s=0.02)
+    active = {"now": 0, "max": 0}
+    lock = threading.Lock()
+
+    def counting(x: np.ndarray) -> np.ndarray:
+        with lock:
+            active["now"] += 1
+            active["max"] = max(active["max"], active["now"])
+        try:
+            return model(x)
+        finally:
+            with lock:
+                active["now"] -= 1
+
+    async def body(b: Batcher):
+        async def one(i: int):
+            return i, await b.submit(_image(i))
+
+        return await asyncio.gather(*(one(i) for i in range(40)))
+
+    results = run(_with_batcher(counting, body, max_batch_size=4, max_wait_s=0.0, lanes=2))
+    for i, logits in results:
+        assert logits[0] == pytest.approx(16 * i)
+    assert active["max"] == 2  # two batches overlapped, never more than the lanes
+    assert len(model.threads) == 2
+    assert sum(len(x) for x in model.batches) == 40
+
+
+def test_stop_fails_requests_of_batches_still_running():
+    model = FakeModel()
+    model.gate.clear()  # the model blocks until released
+
+    async def body():
+        b = Batcher(model, max_batch_size=2, lanes=2)
+        b.start()
+        pending = asyncio.ensure_future(b.submit(_image(1)))
+        await asyncio.sleep(0.05)
+        stopper = asyncio.ensure_future(b.stop())
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        await stopper
+        with pytest.raises(BatchFailedError, match="shutting down"):
+            await pending
+
+    run(body())
