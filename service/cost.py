@@ -790,7 +790,7 @@ _LEVELS = {
 
 
 def profile_model(
-    path: str | Path,
+    path: str | Path | bytes,
     report: CostReport | None = None,
     *,
     runs: int = DEFAULT_PROFILE_RUNS,
@@ -811,9 +811,13 @@ def profile_model(
         raise CostError(f"runs must be between 1 and {MAX_PROFILE_RUNS}, got {runs}")
     if optimization not in _LEVELS:
         raise CostError(f"optimization must be one of {sorted(_LEVELS)}, got {optimization!r}")
-    path = Path(path)
-    report = report or report_for_file(path)
-    model = onnx.load(str(path))
+    if isinstance(path, bytes):
+        model = onnx.load_from_string(path)
+        report = report or analyze_model(model)
+    else:
+        path = Path(path)
+        report = report or report_for_file(path)
+        model = onnx.load(str(path))
     fixed, _, _ = _infer(model, report.model.input_shape[-1], _read_spec(model))
     index = _node_index(fixed, report)
     layers = {layer.name: layer for layer in report.layers}
@@ -828,7 +832,9 @@ def profile_model(
         opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[optimization])
         opts.log_severity_level = 3
         session = ort.InferenceSession(
-            str(path), opts, providers=providers or ["CPUExecutionProvider"]
+            path if isinstance(path, bytes) else str(path),
+            opts,
+            providers=providers or ["CPUExecutionProvider"],
         )
         rng = np.random.default_rng(0)
         feeds = {}

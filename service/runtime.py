@@ -7,6 +7,7 @@ requested provider cannot start, and an operator must be able to see what really
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.metrics import INFERENCE_DURATION
-from service.spec import ModelSpec, SpecError, read_spec
+from service.spec import ModelSpec, SpecError, spec_from_bytes
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,11 @@ class ModelRuntime:
                 f"model file {self.path} does not exist; build one with "
                 "`python -m model build` or set SEPCONV_MODEL_PATH"
             )
+        # Read once: the session, the spec and the cost report all describe these exact bytes,
+        # even if the file is replaced while the server runs.
+        self.model_bytes = self.path.read_bytes()
         try:
-            self.spec: ModelSpec = read_spec(str(self.path))
+            self.spec: ModelSpec = spec_from_bytes(self.model_bytes, str(self.path))
         except SpecError as exc:
             raise ModelLoadError(f"cannot serve {self.path}: {exc}") from exc
 
@@ -76,7 +80,7 @@ class ModelRuntime:
         opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
         opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
         try:
-            self.session = ort.InferenceSession(str(self.path), opts, providers=requested)
+            self.session = ort.InferenceSession(self.model_bytes, opts, providers=requested)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
             raise ModelLoadError(f"onnxruntime cannot load {self.path}: {exc}") from exc
 
@@ -92,6 +96,8 @@ class ModelRuntime:
         self._output_names = [self.spec.output_name]
         self.intra_op_threads = intra_op_threads
         self.inter_op_threads = inter_op_threads
+        self._cost = None
+        self._cost_lock = threading.Lock()
         log.info(
             "loaded %s (%s v%s, %s, %dpx %s, %d classes) on %s, intra_op_threads=%d",
             self.path,
@@ -128,6 +134,18 @@ class ModelRuntime:
                 f"{self.path}: graph outputs {out_shape[-1]} classes, metadata lists "
                 f"{spec.num_classes} labels"
             )
+
+    def cost_report(self):
+        """The static cost report of the served graph, computed on first use and kept."""
+        with self._cost_lock:
+            if self._cost is None:
+                import onnx
+
+                from service.cost import analyze_model
+
+                proto = onnx.load_from_string(self.model_bytes)
+                self._cost = analyze_model(proto, path=str(self.path))
+            return self._cost
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

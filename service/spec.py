@@ -122,14 +122,18 @@ class ModelSpec(BaseModel):
             raise SpecError(f"invalid model metadata: {problems}") from exc
 
 
-def read_spec(model_path: str) -> ModelSpec:
-    """Read the spec from an ONNX file without loading its weights."""
+def spec_from_bytes(data: bytes, name: str = "model") -> ModelSpec:
+    """The spec of a serialized ONNX model; ``name`` only labels error messages."""
     import onnx
 
     try:
-        proto = onnx.load(model_path, load_external_data=False)
-    except FileNotFoundError:
-        raise
+        proto = onnx.load_from_string(data)
     except Exception as exc:  # onnx raises DecodeError and friends for a corrupt file
-        raise SpecError(f"{model_path} is not a readable ONNX model: {exc}") from exc
+        raise SpecError(f"{name} is not a readable ONNX model: {exc}") from exc
     return ModelSpec.from_metadata({p.key: p.value for p in proto.metadata_props})
+
+
+def read_spec(model_path: str) -> ModelSpec:
+    """Read the spec from an ONNX file (FileNotFoundError when it is missing)."""
+    with open(model_path, "rb") as fh:
+        return spec_from_bytes(fh.read(), model_path)

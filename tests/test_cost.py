@@ -496,3 +496,25 @@ def test_model_cli_registers_the_cost_subcommand(tiny_model_path):
     )
     assert done.returncode == 0, done.stderr
     assert "### Separable pairs" in done.stdout and "| Conv DW 3x3 | 13 |" in done.stdout
+
+
+def test_endpoint_reports_the_served_graph_even_if_the_file_is_replaced(
+    tmp_path, tiny_model_path, tiny_rgb_model_path
+):
+    """The report describes the bytes the session runs, not whatever is on disk now."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from service.main import create_app
+    from service.settings import Settings
+
+    served = tmp_path / "model.onnx"
+    shutil.copy(tiny_model_path, served)
+    with TestClient(create_app(Settings(model_path=served, warmup_runs=0))) as c:
+        shutil.copy(tiny_rgb_model_path, served)  # a new build lands while the server runs
+        body = c.get("/v1/cost").json()
+        assert body["model"]["input_shape"] == [1, 1, 28, 28]
+        profiled = c.get("/v1/cost", params={"profile": "true", "runs": 1})
+        assert profiled.status_code == 200
+        assert profiled.json()["model"]["input_shape"] == [1, 1, 28, 28]

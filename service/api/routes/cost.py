@@ -1,6 +1,6 @@
 """``GET /v1/cost``: what the served network costs, counted from its own graph.
 
-The static report is computed once per model file (cached by path, mtime and size); the
+The static report is computed once from the bytes the session was built from; the
 measured side runs only on ``?profile=true``, in a private ONNX Runtime session on a worker
 thread, one profile at a time.
 """
@@ -21,7 +21,6 @@ from service.cost import (
     CostReport,
     profile_model,
     render,
-    report_for_file,
 )
 from service.errors import APIError, error_example
 
@@ -104,7 +103,7 @@ async def get_cost(
 ):
     fmt = negotiate(format, accept)
     try:
-        report = await run_in_threadpool(report_for_file, runtime.path)
+        report = await run_in_threadpool(runtime.cost_report)
     except CostError as exc:
         raise APIError(500, "cost_unavailable", f"cannot cost the served model: {exc}") from exc
     if profile:
@@ -118,7 +117,7 @@ async def get_cost(
         try:
             measured = await run_in_threadpool(
                 profile_model,
-                runtime.path,
+                runtime.model_bytes,
                 report,
                 runs=runs,
                 intra_op_threads=getattr(runtime, "intra_op_threads", 1) or 1,
