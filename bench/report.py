@@ -26,7 +26,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"- Machine: {env['cpu']}, {env['cores']} cores available, load average before the run "
         f"{env['load_before']}.",
         f"- Server settings: {env['server_settings']}.",
-        f"- Endpoint: `{env['endpoint']}`, one PNG per request at the model's input size; "
+        f"- Endpoint: `{env['endpoint']}`, one image per request at the model's input size "
+        "(PNG for greyscale, JPEG for RGB models); "
         f"closed-loop points run {env['duration_s']} s after {env['warmup_s']} s warm-up.",
         "- Latency is client-side, request written to response read, on keep-alive "
         "connections over loopback. The load generator shares the cores with the server; its "
