@@ -24,11 +24,6 @@ INT8_MODEL = Path("artifacts/model.int8.onnx")  # what `python -m model build --
 #: Where untrained stand-ins are cached between runs (git-ignored).
 CACHE_DIR = Path("artifacts/bench")
 
-FASHION_LABELS = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
-
 
 @dataclass(frozen=True)
 class BenchModel:
@@ -71,16 +66,20 @@ def default_model(path: Path = DEFAULT_MODEL, cache_dir: Path = CACHE_DIR) -> Be
     if path.is_file():
         spec = read_spec(str(path))
         return BenchModel("default", f"default model ({_describe(spec)})", path, spec, True)
-    cached = cache_dir / "default-untrained.onnx"
+    from model.data import FASHION_MNIST_LABELS
+    from model.recipes import resolve
+
+    quick = resolve("quick")  # the stand-in follows the default recipe, never a copy of it
+    cached = cache_dir / f"default-untrained-a{quick.alpha:g}-{quick.input_size}.onnx"
     spec = ModelSpec(
         name="mobilenet_v1-fashion-mnist-untrained",
-        labels=FASHION_LABELS,
-        input_size=28,
+        labels=FASHION_MNIST_LABELS,
+        input_size=quick.input_size,
         color_mode="L",
-        mean=[0.2860],
+        mean=[0.2860],  # Fashion-MNIST training-set statistics; speed does not depend on them
         std=[0.3530],
-        alpha=0.5,
-        stem_stride=1,
+        alpha=quick.alpha,
+        stem_stride=quick.resolved_stem_stride(),
     )
     if not cached.is_file():
         _export_untrained(cached, spec)

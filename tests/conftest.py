@@ -81,3 +81,13 @@ def make_png():
         return png_bytes(rng.integers(0, 256, shape, dtype=np.uint8), mode, fmt)
 
     return _make
+
+
+class FailingBatcher:
+    """Stands in for ``app.state.batcher``: every submit raises the given error."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    async def submit(self, x):
+        raise self.exc

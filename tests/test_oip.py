@@ -17,6 +17,8 @@ from service import oip
 from service.batcher import BatchFailedError, QueueFullError, RequestTimeoutError
 from service.spec import ModelSpec
 
+from .conftest import FailingBatcher
+
 LABELS = ["circle", "square", "cross"]
 SPEC = ModelSpec(
     name="tiny",
@@ -509,14 +511,6 @@ def swapped_state(client, **values):
             setattr(state, name, value)
 
 
-class _FailingBatcher:
-    def __init__(self, exc: Exception) -> None:
-        self.exc = exc
-
-    async def submit(self, x):
-        raise self.exc
-
-
 @pytest.mark.parametrize(
     ("exc", "status", "retry_after"),
     [
@@ -528,7 +522,7 @@ class _FailingBatcher:
 def test_batcher_errors_map_to_status_codes(client, tiny_spec, exc, status, retry_after):
     x = _pixels(tiny_spec, 2)
     body, header = encode([fp32_input(x, binary=True)])
-    with swapped_state(client, batcher=_FailingBatcher(exc)):
+    with swapped_state(client, batcher=FailingBatcher(exc)):
         r = client.post(_infer_url(tiny_spec), content=body, headers={oip.HEADER_LENGTH: header})
     assert r.status_code == status
     assert str(exc) in r.json()["error"]

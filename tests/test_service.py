@@ -29,7 +29,7 @@ from service.runtime import ModelLoadError, ModelRuntime
 from service.settings import Settings
 from service.spec import read_spec
 
-from .conftest import TINY_LABELS, png_bytes
+from .conftest import TINY_LABELS, FailingBatcher, png_bytes
 
 PNG = {"content-type": "image/png"}
 
@@ -456,14 +456,6 @@ def test_unknown_route_and_method(client):
     _assert_error(client.get("/v1/classify"), 405, "method_not_allowed")
 
 
-class _FailingBatcher:
-    def __init__(self, exc: Exception) -> None:
-        self.exc = exc
-
-    async def submit(self, x):
-        raise self.exc
-
-
 @pytest.mark.parametrize(
     "exc, status, error",
     [
@@ -475,7 +467,7 @@ class _FailingBatcher:
 )
 def test_batcher_errors_map_to_http(client, make_png, exc, status, error):
     state = client.app.state
-    real, state.batcher = state.batcher, _FailingBatcher(exc)
+    real, state.batcher = state.batcher, FailingBatcher(exc)
     try:
         r = client.post("/v1/classify", content=make_png(1), headers=PNG)
     finally:
