@@ -84,7 +84,31 @@ def export_onnx(net: nn.Module, spec: ModelSpec, path: str | Path) -> Path:
     for key, value in spec.to_metadata().items():
         proto.metadata_props.add(key=key, value=value)
     proto.producer_name = "sepconv-serve"
+    _name_layers(proto)
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, path)
     log.info("exported %s (%s, opset %d)", path, spec.name, OPSET)
     return path
+
+
+def _name_layers(proto: onnx.ModelProto) -> None:
+    """Give the compute nodes the paper's layer names (``stem``, ``block3.depthwise``, ...).
+
+    The exporter calls them ``node_Conv_392``; the cost report and ORT profiles show node
+    names, so they should say which layer of Table 1 they are. Names are assigned in graph
+    order; a graph that is not a plain MobileNetV1 chain keeps the exporter's names.
+    """
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    gemms = [n for n in proto.graph.node if n.op_type == "Gemm"]
+    groups = [next((a.i for a in n.attribute if a.name == "group"), 1) for n in convs]
+    # stem, then (depthwise, pointwise) per block, then the classifier
+    if len(gemms) != 1 or len(convs) % 2 != 1 or groups[0] != 1:
+        return
+    pairs = list(zip(groups[1::2], groups[2::2], strict=True))
+    if not all(dw > 1 and pw == 1 for dw, pw in pairs):
+        return
+    convs[0].name = "stem"
+    for block, (dw, pw) in enumerate(zip(convs[1::2], convs[2::2], strict=True), start=1):
+        dw.name = f"block{block}.depthwise"
+        pw.name = f"block{block}.pointwise"
+    gemms[0].name = "classifier"

@@ -25,8 +25,13 @@ def test_metadata_round_trip_through_onnx_file(tiny_model_path):
     assert spec.labels == TINY_LABELS
     assert (spec.input_size, spec.color_mode, spec.stem_stride, spec.alpha) == (28, "L", 1, 0.25)
     assert spec.onnx_opset == 18 and spec.torch_version and spec.build_date
-    props = {p.key: p.value for p in onnx.load(str(tiny_model_path)).metadata_props}
+    proto = onnx.load(str(tiny_model_path))
+    props = {p.key: p.value for p in proto.metadata_props}
     assert ModelSpec.from_metadata(props) == spec
+    # compute nodes carry the paper's layer names, for the cost report and profiles
+    names = [n.name for n in proto.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert names[:3] == ["stem", "block1.depthwise", "block1.pointwise"]
+    assert names[-2:] == ["block13.pointwise", "classifier"] and len(names) == 28
 
 
 def test_spec_errors_name_the_key():
