@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         loop="auto",
         http="auto",
         access_log=False,
+        timeout_graceful_shutdown=settings.graceful_shutdown_s,
     )
     # uvicorn returns after a failed start-up instead of raising.
     return 0

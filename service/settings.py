@@ -62,6 +62,12 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="Listen port.")
     workers: int = Field(1, ge=1, description="Uvicorn worker processes (each loads the model).")
     log_level: LogLevel = Field("info", description="Log level for the service and uvicorn.")
+    graceful_shutdown_s: float = Field(
+        10.0,
+        gt=0,
+        description="On SIGTERM, how long open requests may finish before the server exits "
+        "anyway (keep it under the orchestrator's kill grace period).",
+    )
 
     # --- input limits
     max_body_bytes: int = Field(10 * 1024 * 1024, gt=0, description="Largest request body.")
