@@ -134,8 +134,11 @@ stop_start=$(date +%s)
 compose stop -t 20 api >/dev/null 2>&1
 stop_s=$(( $(date +%s) - stop_start ))
 exit_code=$("$DOCKER" inspect -f '{{.State.ExitCode}}' "$api_id")
+# Logs into a variable first: under pipefail, `docker logs | grep -q` fails at random when grep
+# exits on the first match while docker is still writing (SIGPIPE).
+api_logs=$("$DOCKER" logs "$api_id" 2>&1)
 if { [ "$exit_code" != 0 ] && [ "$exit_code" != 143 ]; } || [ "$stop_s" -ge 15 ] \
-   || ! "$DOCKER" logs "$api_id" 2>&1 | grep -q "Application shutdown complete"; then
+   || [[ "$api_logs" != *"Application shutdown complete"* ]]; then
   echo "e2e: api did not shut down gracefully on SIGTERM (exit $exit_code after ${stop_s}s)" >&2
   exit 1
 fi
