@@ -32,7 +32,6 @@ import time
 from collections import defaultdict
 from enum import StrEnum
 from fractions import Fraction
-from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -720,18 +719,6 @@ def analyze_model(
     )
 
 
-@lru_cache(maxsize=8)
-def _cached(path: str, mtime_ns: int, size: int) -> CostReport:
-    return analyze_model(path, path=path)
-
-
-def report_for_file(path: str | Path) -> CostReport:
-    """The static report of a file, computed once per (path, mtime, size)."""
-    path = Path(path)
-    stat = path.stat()
-    return _cached(str(path), stat.st_mtime_ns, stat.st_size)
-
-
 # --------------------------------------------------------------------------- profiling
 
 
@@ -816,7 +803,7 @@ def profile_model(
         report = report or analyze_model(model)
     else:
         path = Path(path)
-        report = report or report_for_file(path)
+        report = report or analyze_model(path)
         model = onnx.load(str(path))
     fixed, _, _ = _infer(model, report.model.input_shape[-1], _read_spec(model))
     index = _node_index(fixed, report)

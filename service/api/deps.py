@@ -13,12 +13,8 @@ from service.settings import Settings
 
 NOT_READY_DETAIL = "the model is not loaded and warmed up yet"
 
-# The providers are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency in its
-# thread pool, which costs a thread hop per dependency per request on the hot path.
-
-
-async def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
+# The provider is ``async def`` on purpose: FastAPI runs a plain ``def`` dependency in its
+# thread pool, which costs a thread hop per request.
 
 
 def is_ready(request: Request) -> bool:
@@ -33,19 +29,7 @@ def require_ready(state) -> tuple[ModelRuntime, Batcher, Settings]:
 
 
 async def get_runtime(request: Request) -> ModelRuntime:
-    state = request.app.state
-    if not getattr(state, "ready", False):
-        raise APIError(503, "not_ready", NOT_READY_DETAIL, headers={"Retry-After": "1"})
-    return state.runtime
+    return require_ready(request.app.state)[0]
 
 
-async def get_batcher(request: Request) -> Batcher:
-    state = request.app.state
-    if not getattr(state, "ready", False):
-        raise APIError(503, "not_ready", NOT_READY_DETAIL, headers={"Retry-After": "1"})
-    return state.batcher
-
-
-SettingsDep = Annotated[Settings, Depends(get_settings)]
 RuntimeDep = Annotated[ModelRuntime, Depends(get_runtime)]
-BatcherDep = Annotated[Batcher, Depends(get_batcher)]

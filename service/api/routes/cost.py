@@ -120,7 +120,7 @@ async def get_cost(
                 runtime.model_bytes,
                 report,
                 runs=runs,
-                intra_op_threads=getattr(runtime, "intra_op_threads", 1) or 1,
+                intra_op_threads=runtime.intra_op_threads,
                 providers=runtime.providers,
             )
         finally:

@@ -18,10 +18,8 @@ from starlette.responses import Response
 
 from service import oip
 from service.api.deps import NOT_READY_DETAIL, is_ready
-from service.batcher import BatchFailedError, QueueFullError, RequestTimeoutError
 from service.pipeline import preprocess_images_async
 from service.postprocess import softmax
-from service.preprocess import ImageError, ImageTooLargeError
 from service.spec import ModelSpec
 
 router = APIRouter(tags=["Open Inference Protocol v2"])
@@ -139,17 +137,8 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
         logits = await _submit_all(state.batcher, rows)
     except oip.OIPError as exc:
         return _error(exc.status_code, str(exc))
-    except ImageTooLargeError as exc:
-        return _error(413, str(exc))
-    except ImageError as exc:
-        return _error(400, str(exc))
-    except QueueFullError as exc:
-        return _error(429, str(exc), {"Retry-After": str(exc.retry_after_s)})
-    except RequestTimeoutError as exc:
-        return _error(504, str(exc))
-    except BatchFailedError as exc:
-        # The server's fault, not the client's: a 500 that says what failed.
-        return _error(500, f"inference failed: {exc}")
+    # Image and batcher errors propagate to the app's handlers (service/errors.py), which give
+    # /v2 paths the OIP body {"error": ...} with the same status codes as /v1.
 
     out, header_length = oip.build_response(
         model_name=spec.name,
