@@ -24,6 +24,28 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def tcp_sockets(port: int) -> list[tuple[str, int]]:
+    """(state, inode) of every TCP socket whose local port is ``port``, from /proc/net/tcp{,6}.
+
+    States are the kernel's hex codes: ``0A`` listening, ``01`` established. Empty where /proc
+    is not Linux's.
+    """
+    out = []
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(name) as table:
+            next(table)  # header
+            for line in table:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    out.append((fields[3], int(fields[9])))
+    return out
+
+
+def listeners(port: int) -> int:
+    """How many sockets listen on ``port``: one per ready worker under SO_REUSEPORT."""
+    return sum(state == "0A" for state, _ in tcp_sockets(port))
+
+
 def _status(url: str) -> int | None:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
@@ -63,6 +85,7 @@ class ServerProcess:
             "SEPCONV_PORT": str(self.port),
             "SEPCONV_LOG_LEVEL": settings_env.get("SEPCONV_LOG_LEVEL", "warning"),
         }
+        self.workers = int(self.env.get("SEPCONV_WORKERS", "1"))
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -99,12 +122,19 @@ class ServerProcess:
                 raise ServerError(
                     f"server exited with status {self.proc.returncode}:\n{self.log_tail()}"
                 )
-            if _status(self.base_url + "/readyz") == 200:
+            # With several workers, one ready worker answers /readyz while the others may still
+            # be loading; connections opened then would all land on the first.
+            if _status(self.base_url + "/readyz") == 200 and self._all_workers_listening():
                 return
             time.sleep(0.2)
         raise ServerError(
             f"server not ready after {self.ready_timeout_s:.0f} s:\n{self.log_tail()}"
         )
+
+    def _all_workers_listening(self) -> bool:
+        count = listeners(self.port)
+        # 0 means no /proc/net/tcp to read (not Linux): readiness rests on /readyz alone.
+        return count == 0 or count >= self.workers
 
     def log_tail(self, lines: int = 30) -> str:
         with contextlib.suppress(OSError):

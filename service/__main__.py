@@ -1,4 +1,5 @@
-"""``python -m service`` / ``sepconv-serve``: check the configuration, then run uvicorn.
+"""``python -m service`` / ``sepconv-serve``: check the configuration, then run uvicorn
+(one process, or ``SEPCONV_WORKERS`` of them under :mod:`service.supervisor`).
 
 The model is checked before uvicorn starts, so a missing or corrupt file exits at once with one
 clear line (status 1) instead of a lifespan traceback; a bad setting exits with status 2.
@@ -92,14 +93,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    if settings.workers > 1:
-        _share_metrics_between_workers(settings.workers)
-    uvicorn.run(
-        "service.main:create_app",
-        factory=True,
+    from service.supervisor import reuseport_available, run_workers
+
+    server_options = dict(
         host=settings.host,
         port=settings.port,
-        workers=settings.workers,
         log_level=settings.log_level,
         # The event loop does the per-request work; uvloop and httptools make it cheaper.
         loop="auto",
@@ -107,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         access_log=False,
         timeout_graceful_shutdown=settings.graceful_shutdown_s,
     )
+    if settings.workers > 1:
+        _share_metrics_between_workers(settings.workers)
+        if reuseport_available():
+            return run_workers(settings.workers, server_options, settings.graceful_shutdown_s)
+    uvicorn.run("service.main:create_app", factory=True, workers=settings.workers, **server_options)
     # uvicorn returns after a failed start-up instead of raising.
     return 0
 

@@ -79,7 +79,7 @@ _children: dict[tuple[str, str, int], tuple] = {}
 
 
 def multiprocess_enabled() -> bool:
-    """Several uvicorn workers share metrics through files in ``PROMETHEUS_MULTIPROC_DIR``."""
+    """Several worker processes share metrics through files in ``PROMETHEUS_MULTIPROC_DIR``."""
     return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
@@ -93,7 +93,10 @@ def exposition_registry() -> CollectorRegistry:
 
 
 def set_model_info(name: str, version: str, provider: str, precision: str) -> None:
-    MODEL_INFO.clear()
+    if not multiprocess_enabled():
+        # One process may load a model more than once (tests); a worker loads exactly one, and
+        # prometheus_client cannot clear labels in multiprocess mode.
+        MODEL_INFO.clear()
     MODEL_INFO.labels(name, version, provider, precision).set(1)
 
 
