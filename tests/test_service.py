@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
 import shutil
@@ -72,6 +73,13 @@ def test_readiness_before_and_after_load(tiny_model_path):
         assert c.get("/readyz").json() == {"status": "ready"}
         assert app.state.runtime.providers == ["CPUExecutionProvider"]
     assert c.get("/readyz").status_code == 503  # shut down: not ready any more
+
+
+def test_start_up_heap_is_frozen_out_of_the_gc(tiny_model_path):
+    gc.unfreeze()
+    with TestClient(create_app(_settings(tiny_model_path))):
+        # The long-lived start-up objects (session, app) are out of the collector's sight.
+        assert gc.get_freeze_count() > 1000
 
 
 def test_models_endpoint_reports_the_metadata(client, tiny_model_path):
