@@ -74,8 +74,10 @@ def decode(data: bytes, *, max_pixels: int) -> Image.Image:
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # Truncated files raise OSError("image file is truncated ..."), broken headers SyntaxError.
         raise ImageError(f"cannot decode image: {exc}") from exc
-    # Phone cameras store rotation in EXIF instead of rotating the pixels.
-    return ImageOps.exif_transpose(img)
+    # Phone cameras store rotation in EXIF instead of rotating the pixels. In place: the default
+    # copies every image, rotated or not.
+    ImageOps.exif_transpose(img, in_place=True)
+    return img
 
 
 def _to_mode(img: Image.Image, color_mode: str) -> Image.Image:
@@ -98,7 +100,8 @@ def _to_mode(img: Image.Image, color_mode: str) -> Image.Image:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, rgba)
-    return img.convert(color_mode)
+    # convert() to the same mode still copies the pixels.
+    return img if img.mode == color_mode else img.convert(color_mode)
 
 
 def prepare(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
