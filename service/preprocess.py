@@ -5,15 +5,18 @@ exactly the resize, colour conversion and normalisation the network was trained 
 parameters come from the model's :class:`service.spec.ModelSpec`.
 
 Stages, each a function so the service can time them separately:
-``decode`` (bytes -> upright PIL image) -> ``prepare`` (colour mode + resize -> uint8 HxWxC)
+``decode`` (bytes -> upright PIL image; ``open_image`` + ``load``, so the header can be
+checked before the pixels are paid for) -> ``prepare`` (colour mode + resize -> uint8 HxWxC)
 -> ``normalize`` (uint8 -> float32 CxHxW, batched or not).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import warnings
+from collections.abc import Iterator
 from typing import Protocol
 
 import numpy as np
@@ -44,27 +47,48 @@ class ImageTooLargeError(ImageError):
     """The image declares more pixels than the configured limit (decompression-bomb guard)."""
 
 
-def decode(data: bytes, *, max_pixels: int) -> Image.Image:
-    """Decode bytes into a fully loaded, upright image.
+def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Parse the header only: format and size are known, no pixel is decompressed yet.
 
-    The pixel limit is checked on the header, before any pixel data is decompressed.
+    The pixel limit is checked here, so a decompression bomb is refused before any work, and
+    the caller can weigh the decode cost (pixels) before paying it.
     """
     if not data:
         raise ImageError("empty image body")
+    with _decode_errors(), warnings.catch_warnings():
+        # Pillow's own bomb warning is replaced by our explicit limit below.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data))
+        width, height = img.size
+        if width * height > max_pixels:
+            raise ImageTooLargeError(
+                f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+            )
+        return img
+
+
+def load(img: Image.Image) -> Image.Image:
+    """Decompress an opened image and turn it upright."""
+    with _decode_errors():
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)  # animated formats: classify the first frame
+        img.load()
+    # Phone cameras store rotation in EXIF instead of rotating the pixels. In place: the default
+    # copies every image, rotated or not.
+    ImageOps.exif_transpose(img, in_place=True)
+    return img
+
+
+def decode(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Bytes to a fully loaded, upright image (:func:`open_image` then :func:`load`)."""
+    return load(open_image(data, max_pixels=max_pixels))
+
+
+@contextlib.contextmanager
+def _decode_errors() -> Iterator[None]:
+    """Pillow's many exception types -> one ImageError whose message the client may see."""
     try:
-        with warnings.catch_warnings():
-            # Pillow's own bomb warning is replaced by our explicit limit below.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width * height > max_pixels:
-                raise ImageTooLargeError(
-                    f"image is {width}x{height} = {width * height} pixels; "
-                    f"the limit is {max_pixels}"
-                )
-            if getattr(img, "n_frames", 1) > 1:
-                img.seek(0)  # animated formats: classify the first frame
-            img.load()
+        yield
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
@@ -74,10 +98,6 @@ def decode(data: bytes, *, max_pixels: int) -> Image.Image:
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # Truncated files raise OSError("image file is truncated ..."), broken headers SyntaxError.
         raise ImageError(f"cannot decode image: {exc}") from exc
-    # Phone cameras store rotation in EXIF instead of rotating the pixels. In place: the default
-    # copies every image, rotated or not.
-    ImageOps.exif_transpose(img, in_place=True)
-    return img
 
 
 def _to_mode(img: Image.Image, color_mode: str) -> Image.Image:

@@ -77,11 +77,12 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(
         16, ge=1, description="Most images in one multipart request."
     )
-    inline_decode_max_bytes: int = Field(
-        16 * 1024,
+    inline_decode_max_pixels: int = Field(
+        256 * 256,
         ge=0,
-        description="Images up to this size are decoded on the event loop; larger ones in a "
-        "thread (a thread hop costs more than decoding a small image).",
+        description="Requests whose images hold at most this many pixels in all (read from "
+        "the headers) are decoded on the event loop, saving a thread hop; larger ones in a "
+        "thread, so a big image never stalls other requests.",
     )
 
     # --- batcher

@@ -100,3 +100,54 @@ def test_decode_errors():
         decode(good[: len(good) // 2], max_pixels=10_000)
     with pytest.raises(ImageTooLargeError, match="2500 pixels"):
         decode(good, max_pixels=2499)
+
+
+@pytest.mark.parametrize(
+    ("size", "threaded"),
+    [
+        (28, False),
+        (256, False),  # 65,536 pixels: the default limit, still inline
+        (257, True),
+        (2000, True),  # a flat 2000x2000 PNG is a few kB: bytes would say "small"
+    ],
+)
+def test_decode_goes_to_a_thread_by_pixels_not_bytes(monkeypatch, size, threaded):
+    import asyncio
+
+    from service import pipeline
+    from service.settings import Settings
+
+    calls = []
+    real = asyncio.to_thread
+
+    async def spy(fn, *args, **kw):
+        calls.append(fn)
+        return await real(fn, *args, **kw)
+
+    monkeypatch.setattr(pipeline.asyncio, "to_thread", spy)
+    blob = png_bytes(np.zeros((size, size), np.uint8))
+    assert len(blob) < 16_384
+    spec = _spec()
+    out = asyncio.run(
+        pipeline.preprocess_images_async(
+            [blob],
+            spec,
+            max_pixels=10**8,
+            inline_max_pixels=Settings().inline_decode_max_pixels,
+        )
+    )
+    assert out.shape == (1, 1, spec.input_size, spec.input_size)
+    assert bool(calls) is threaded
+
+
+def test_header_errors_are_raised_before_any_decoding():
+    from service import pipeline
+
+    small = png_bytes(np.zeros((28, 28), np.uint8))
+    with pytest.raises(ImageTooLargeError, match="image b.png: image is 50x50"):
+        pipeline.preprocess_images(
+            [small, png_bytes(np.zeros((50, 50), np.uint8))],
+            _spec(),
+            max_pixels=2499,
+            names=["a.png", "b.png"],
+        )

@@ -228,7 +228,7 @@ async def classify(request: Request) -> Response:
         blobs,
         spec,
         max_pixels=settings.max_pixels,
-        inline_max_bytes=settings.inline_decode_max_bytes,
+        inline_max_pixels=settings.inline_decode_max_pixels,
         names=names,
     )
     probs = await infer_probabilities(batcher, batch)

@@ -129,7 +129,7 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
                 req.images,
                 spec,
                 max_pixels=settings.max_pixels,
-                inline_max_bytes=settings.inline_decode_max_bytes,
+                inline_max_pixels=settings.inline_decode_max_pixels,
             )
             rows = list(batch)
         else:
