@@ -36,6 +36,7 @@ from bench.models import (
 )
 from bench.models import sample_images as make_images
 from bench.server import ServerError, ServerProcess
+from service.pipeline import preprocess_images
 from service.settings import Settings
 
 log = logging.getLogger("bench")
@@ -102,7 +103,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[8],
         help="raw ORT batch sizes besides 1 and the server's max batch",
     )
-    p.add_argument("--endpoint", choices=["classify", "oip"], default="classify")
+    p.add_argument(
+        "--endpoint",
+        choices=["classify", "oip", "oip-tensor"],
+        default="classify",
+        help="classify: POST /v1/classify, encoded image body; oip: the same image as an OIP "
+        "BYTES input; oip-tensor: the preprocessed FP32 tensor, binary (what raw ORT is fed: "
+        "the server's own overhead, without decoding)",
+    )
     p.add_argument("--timeout", type=float, default=30.0, help="per-request timeout, seconds")
     srv = p.add_argument_group("server settings (SEPCONV_*; unset = the service default)")
     srv.add_argument("--workers", type=int)
@@ -164,24 +172,31 @@ def target_for(model: BenchModel, server: ServerProcess, endpoint: str) -> loadg
         return loadgen.Target(
             server.host, server.port, "/v1/classify", tuple(images), content_type=media_type
         )
-    # OIP binary tensor extension: JSON header, then the BYTES element (4-byte length + file).
+    # OIP binary tensor extension: a JSON header, then the raw input bytes.
     bodies = []
-    for png in images:
+    if endpoint == "oip-tensor":
+        tensors = preprocess_images(images, model.spec, max_pixels=Settings().max_pixels)
+        inputs = [
+            (model.spec.input_name, "FP32", list(t[None].shape), t.tobytes()) for t in tensors
+        ]
+    else:  # a BYTES element is a 4-byte length, then the encoded file
+        inputs = [("image", "BYTES", [1], struct.pack("<I", len(b)) + b) for b in images]
+    for name, datatype, shape, data in inputs:
         header = json.dumps(
             {
                 "inputs": [
                     {
-                        "name": "image",
-                        "shape": [1],
-                        "datatype": "BYTES",
-                        "parameters": {"binary_data_size": 4 + len(png)},
+                        "name": name,
+                        "shape": shape,
+                        "datatype": datatype,
+                        "parameters": {"binary_data_size": len(data)},
                     }
                 ],
                 "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
             },
             separators=(",", ":"),
         ).encode()
-        bodies.append((header, header + struct.pack("<I", len(png)) + png))
+        bodies.append((header, header + data))
     header_len = {len(h) for h, _ in bodies}
     if len(header_len) != 1:  # one pre-built header value per request is all Target supports
         raise RuntimeError("OIP headers differ in length across images")

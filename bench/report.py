@@ -27,8 +27,12 @@ def markdown(results: dict[str, Any]) -> str:
         f"{env['load_before']}.",
         f"- Server settings: {env['server_settings']}.",
         f"- Endpoint: `{env['endpoint']}`, one image per request at the model's input size "
-        "(PNG for greyscale, JPEG for RGB models); "
-        f"closed-loop points run {env['duration_s']} s after {env['warmup_s']} s warm-up.",
+        + (
+            "as the preprocessed FP32 tensor (no decoding: what raw ORT is fed); "
+            if env["endpoint"] == "oip-tensor"
+            else "(PNG for greyscale, JPEG for RGB models); "
+        )
+        + f"closed-loop points run {env['duration_s']} s after {env['warmup_s']} s warm-up.",
         "- Latency is client-side, request written to response read, on keep-alive "
         "connections over loopback. The load generator shares the cores with the server; its "
         "own CPU cost per request is the `client CPU` column.",

@@ -130,6 +130,19 @@ def test_bench_cli_flags_become_settings():
     assert (full.concurrency, full.duration, full.open_fractions) == ([4, 64], 5.0, [])
 
 
+@pytest.mark.parametrize("endpoint", ["classify", "oip", "oip-tensor"])
+def test_every_endpoint_target_is_served(server, tiny_model_path, endpoint):
+    from bench.__main__ import target_for
+
+    model = BenchModel("default", "tiny", tiny_model_path, read_spec(str(tiny_model_path)), False)
+    target = target_for(model, server, endpoint)
+    assert len(set(target.bodies)) == 64
+    result = loadgen.run(
+        loadgen.closed_loop(target, concurrency=2, duration_s=30.0, max_requests=8)
+    )
+    assert result.ok == 8, dict(result.errors)
+
+
 def test_sample_images_match_the_model(tiny_rgb_model_path):
     from PIL import Image
 
