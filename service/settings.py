@@ -60,7 +60,13 @@ class Settings(BaseSettings):
     # --- HTTP server
     host: str = Field("127.0.0.1", description="Listen address.")
     port: int = Field(8000, ge=1, le=65535, description="Listen port.")
-    workers: int = Field(1, ge=1, description="Uvicorn worker processes (each loads the model).")
+    workers: int = Field(
+        1,
+        ge=1,
+        description="Server processes, each with the model, a batcher and its own SO_REUSEPORT "
+        "socket (the kernel spreads connections). 1 gives the lowest latency on big models; "
+        "cores doubles throughput where per-request Python work is the limit (the 28 px model).",
+    )
     log_level: LogLevel = Field("info", description="Log level for the service and uvicorn.")
     graceful_shutdown_s: float = Field(
         10.0,
