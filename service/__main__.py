@@ -52,6 +52,15 @@ def _share_metrics_between_workers(workers: int) -> None:
     log.info("%d workers share metrics through %s", workers, path)
 
 
+def configure_logging(level: str) -> None:
+    """The service's own log lines; uvicorn configures its loggers itself. Spawned workers
+    start with a bare interpreter, so :mod:`service.supervisor` calls this in each of them."""
+    logging.basicConfig(
+        level=level.upper() if level != "trace" else "DEBUG",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sepconv-serve",
@@ -71,10 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"sepconv-serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level)
 
     from service.runtime import ModelLoadError, choose_providers
     from service.spec import SpecError, read_spec

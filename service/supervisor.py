@@ -73,6 +73,9 @@ def _worker_main(index: int, uvicorn_kwargs: dict[str, Any]) -> None:
     """Entry point of one spawned worker: its own socket, then an ordinary uvicorn server."""
     import uvicorn
 
+    from service.__main__ import configure_logging
+
+    configure_logging(uvicorn_kwargs["log_level"])
     host, port = uvicorn_kwargs["host"], uvicorn_kwargs["port"]
     try:
         sock = bind_reuseport(host, port)

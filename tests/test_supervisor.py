@@ -60,7 +60,7 @@ def _wait_exit(proc: subprocess.Popen, timeout_s: float) -> int:
 def two_workers(tmp_path, tiny_model_path):
     with ServerProcess(
         tiny_model_path,
-        {"SEPCONV_WORKERS": "2", "SEPCONV_GRACEFUL_SHUTDOWN_S": "2"},
+        {"SEPCONV_WORKERS": "2", "SEPCONV_GRACEFUL_SHUTDOWN_S": "2", "SEPCONV_LOG_LEVEL": "info"},
         tmp_path / "server.log",
         ready_timeout_s=60,
     ) as server:
@@ -75,6 +75,8 @@ def test_every_worker_listens_on_its_own_socket(two_workers):
     listening = {inode for state, inode in tcp_sockets(two_workers.port) if state == "0A"}
     for pid in workers:
         assert len(_socket_inodes(pid) & listening) == 1
+    # Spawned workers set up the service's logging too, not only uvicorn's.
+    assert two_workers.log_tail(200).count("ready in") == 2
 
 
 def test_a_burst_of_connections_reaches_both_workers(two_workers):
