@@ -32,13 +32,15 @@ FROM python-base AS venv-cpu
 WORKDIR /src
 RUN python3 -m venv /opt/venv
 COPY pyproject.toml README.md ./
+# The model contract and the server only: no training code in the serving image.
+COPY sepconv ./sepconv
 COPY service ./service
-COPY model ./model
 RUN --mount=type=secret,id=ca_bundle \
     if [ -s /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi \
  && /opt/venv/bin/pip install ".[cpu]" \
  && /opt/venv/bin/python -m pip uninstall -y pip setuptools \
- && ! /opt/venv/bin/python -c "import torch" 2>/dev/null
+ && ! /opt/venv/bin/python -c "import torch" 2>/dev/null \
+ && ! /opt/venv/bin/python -c "import model" 2>/dev/null
 
 # ---------------------------------------------------------------- API image (CPU)
 FROM python-base AS runtime-cpu
@@ -81,8 +83,9 @@ FROM cuda-base AS venv-cuda
 WORKDIR /src
 RUN python3 -m venv /opt/venv
 COPY pyproject.toml README.md ./
+# The model contract and the server only: no training code in the serving image.
+COPY sepconv ./sepconv
 COPY service ./service
-COPY model ./model
 RUN --mount=type=secret,id=ca_bundle \
     if [ -s /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi \
  && /opt/venv/bin/pip install ".[gpu]" \
@@ -126,7 +129,8 @@ RUN --mount=type=secret,id=ca_bundle \
       /opt/venv/bin/pip install --extra-index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"; \
     fi
 COPY pyproject.toml README.md ./
-COPY service ./service
+# The build imports the contract, never the server.
+COPY sepconv ./sepconv
 COPY model ./model
 RUN --mount=type=secret,id=ca_bundle \
     if [ -s /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi \

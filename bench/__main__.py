@@ -36,7 +36,7 @@ from bench.models import (
 )
 from bench.models import sample_images as make_images
 from bench.server import ServerError, ServerProcess
-from service.pipeline import preprocess_images
+from service.engine.decode import preprocess_images
 from service.settings import Settings
 
 log = logging.getLogger("bench")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from service.spec import ModelSpec, read_spec
+from sepconv.spec import ModelSpec, read_spec
 
 log = logging.getLogger(__name__)
 

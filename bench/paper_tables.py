@@ -1,7 +1,7 @@
 """Reproduce the MobileNet paper's cost tables from untrained exports (Howard et al. 2017).
 
 Exports MobileNetV1 (1000 classes, RGB) for each width multiplier at 224 px and for each input
-size at alpha 1.0, counts every ONNX graph with :mod:`service.cost`, and prints the exact counts
+size at alpha 1.0, counts every ONNX graph with :mod:`sepconv.cost`, and prints the exact counts
 next to the paper's printed figures (Tables 2, 4, 6 and 7). The printed figures below are the
 only numbers typed in by hand; everything else is counted.
 
@@ -35,7 +35,7 @@ TABLE_2 = {
 def export(alpha: float, size: int, out_dir: Path) -> Path:
     from model.export import export_onnx
     from model.network import MobileNetV1
-    from service.spec import ModelSpec
+    from sepconv.spec import ModelSpec
 
     spec = ModelSpec(
         name=f"mobilenet_v1-{alpha}-{size}",
@@ -51,7 +51,7 @@ def export(alpha: float, size: int, out_dir: Path) -> Path:
 
 
 def count(configs: list[tuple[float, int]]) -> dict[tuple[float, int], object]:
-    from service.cost import analyze_model
+    from sepconv.cost import analyze_model
 
     reports = {}
     with tempfile.TemporaryDirectory(prefix="sepconv-paper-") as tmp:

@@ -1,6 +1,6 @@
 """Raw ONNX Runtime throughput: the ceiling the server is measured against.
 
-The session is built by the service's own :func:`service.main.load_runtime` from the same
+The session is built by the service's own :func:`service.api.app.load_runtime` from the same
 :class:`~service.settings.Settings` the server gets, so threads, spinning and graph optimisation
 match exactly. The server runs ``workers x lanes`` ORT runs side by side (worker processes, and
 batch lanes inside each), so the yardstick does too (``session.run`` releases the GIL).
@@ -42,7 +42,7 @@ def measure(
     settings: Settings, batch: int, *, duration_s: float = 3.0, warmup: int = 3, rounds: int = 3
 ) -> RawResult:
     """Images per second through ``session.run`` at ``batch``, over ``duration_s``."""
-    from service.main import load_runtime
+    from service.api.app import load_runtime
 
     sessions = settings.workers * settings.lanes
     runtimes = [load_runtime(settings) for _ in range(sessions)]

@@ -1,6 +1,6 @@
 """``python -m model cost MODEL.onnx``: the cost report of any exported file.
 
-A thin front end over :mod:`service.cost` (the same code behind ``GET /v1/cost``). The model CLI
+A thin front end over :mod:`sepconv.cost` (the same code behind ``GET /v1/cost``). The model CLI
 registers it with :func:`add_parser`; ``python -m model.cost_cli`` also works on its own.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from service.cost import (
+from sepconv.cost import (
     DEFAULT_PROFILE_RUNS,
     MAX_PROFILE_RUNS,
     CostError,

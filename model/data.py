@@ -1,6 +1,6 @@
 """Training data: Fashion-MNIST IDX files or an image folder, as uint8 arrays prepared once.
 
-Every image goes through :mod:`service.preprocess` (``decode`` -> ``prepare``) here and
+Every image goes through :mod:`sepconv.preprocess` (``decode`` -> ``prepare``) here and
 through ``normalize`` per batch in :mod:`model.train`, so the network is trained on exactly the
 pixels the service will feed it. Nothing is downloaded: Fashion-MNIST comes from Debian's
 ``dataset-fashion-mnist`` package.
@@ -14,13 +14,14 @@ import json
 import logging
 import struct
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from service import preprocess
+from sepconv import preprocess
+from sepconv.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -78,28 +79,12 @@ class Split:
 
 
 @dataclass(frozen=True)
-class PixelSpec:
-    """The preprocessing parameters, shaped like :class:`service.preprocess.PreprocessSpec`."""
-
-    input_size: int
-    color_mode: str
-    mean: list[float] = field(default_factory=list)
-    std: list[float] = field(default_factory=list)
-    resize: str = "center-crop"
-    resample: str = "bilinear"
-
-    @property
-    def channels(self) -> int:
-        return 1 if self.color_mode == "L" else 3
-
-
-@dataclass(frozen=True)
 class Dataset:
     name: str
     labels: list[str]
     train: Split
     test: Split
-    pixels: PixelSpec  # mean/std measured on the training split
+    pixels: Preprocessing  # mean/std measured on the training split
 
     @property
     def fingerprint(self) -> str:
@@ -179,7 +164,7 @@ def _read_idx_split(directory: Path, images_stem: str, labels_stem: str, n_class
     return Split(images[..., None], labels.astype(np.int64))
 
 
-def _resize_all(images: np.ndarray, pixels: PixelSpec) -> np.ndarray:
+def _resize_all(images: np.ndarray, pixels: Preprocessing) -> np.ndarray:
     """Resize through the service's ``prepare`` so serving resizes exactly the same way."""
     mode = "L" if images.shape[-1] == 1 else "RGB"
     out = np.empty((len(images), pixels.input_size, pixels.input_size, pixels.channels), np.uint8)
@@ -204,7 +189,7 @@ def load_fashion_mnist(
     test = _read_idx_split(directory, *FASHION_MNIST_FILES["test"], n)
     # Square in, square out: centre-crop equals stretch here, and it is the better policy for
     # the non-square photos the service will be sent.
-    pixels = PixelSpec(input_size=input_size, color_mode=color_mode)
+    pixels = Preprocessing.neutral(input_size, color_mode)
     if input_size != train.images.shape[1] or color_mode != "L":
         train = Split(_resize_all(train.images, pixels), train.labels)
         test = Split(_resize_all(test.images, pixels), test.labels)
@@ -263,7 +248,7 @@ def _detect_color_mode(files: list[Path]) -> str:
     return "L"
 
 
-def _decode_file(path: Path, pixels: PixelSpec) -> np.ndarray:
+def _decode_file(path: Path, pixels: Preprocessing) -> np.ndarray:
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -304,7 +289,7 @@ def load_image_folder(
         files_per_class.append(files)
     all_files = [f for files in files_per_class for f in files]
     mode = color_mode or _detect_color_mode(all_files)
-    pixels = PixelSpec(input_size=input_size, color_mode=mode, resize=resize)
+    pixels = Preprocessing.neutral(input_size, mode, resize=resize)
     rng = np.random.default_rng(seed)
     train_idx, test_idx, labels = [], [], []
     offset = 0
@@ -350,13 +335,11 @@ def _with_stats(dataset: Dataset) -> Dataset:
         total_sq += (chunk**2).sum(0)
     mean = total / len(x)
     std = np.sqrt(np.maximum(total_sq / len(x) - mean**2, 1e-12))
-    pixels = PixelSpec(
-        input_size=dataset.pixels.input_size,
-        color_mode=dataset.pixels.color_mode,
-        mean=[round(float(m), 4) for m in mean],
-        std=[round(max(float(s), 1e-3), 4) for s in std],
-        resize=dataset.pixels.resize,
-        resample=dataset.pixels.resample,
+    pixels = dataset.pixels.model_copy(
+        update={
+            "mean": [round(float(m), 4) for m in mean],
+            "std": [round(max(float(s), 1e-3), 4) for s in std],
+        }
     )
     return Dataset(dataset.name, dataset.labels, dataset.train, dataset.test, pixels)
 

@@ -1,6 +1,6 @@
 """Evaluation: accuracy of a PyTorch network, or of an ONNX Runtime session, on a data split.
 
-Both paths normalise with :func:`service.preprocess.normalize`, the function the service uses.
+Both paths normalise with :func:`sepconv.preprocess.normalize`, the function the service uses.
 """
 
 from __future__ import annotations
@@ -9,13 +9,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.data import PixelSpec, Split, iter_batches, progress
-from service import preprocess
+from model.data import Split, iter_batches, progress
+from sepconv import preprocess
+from sepconv.preprocess import Preprocessing
 
 
 def to_input(
     images: np.ndarray,
-    pixels: PixelSpec,
+    pixels: Preprocessing,
     device: torch.device | str = "cpu",
     channels_last: bool = False,
 ) -> torch.Tensor:
@@ -28,7 +29,7 @@ def to_input(
 def evaluate(
     net: nn.Module,
     split: Split,
-    pixels: PixelSpec,
+    pixels: Preprocessing,
     *,
     device: torch.device,
     batch_size: int = 500,
@@ -53,7 +54,12 @@ def evaluate(
 
 
 def onnx_accuracy(
-    session, split: Split, pixels: PixelSpec, *, batch_size: int = 500, desc: str = "onnxruntime"
+    session,
+    split: Split,
+    pixels: Preprocessing,
+    *,
+    batch_size: int = 500,
+    desc: str = "onnxruntime",
 ) -> float:
     """Accuracy of an ``onnxruntime.InferenceSession`` on ``split``, in batches."""
     input_name = session.get_inputs()[0].name

@@ -1,4 +1,8 @@
-"""Export a trained network to ONNX with its :class:`~service.spec.ModelSpec` in the metadata."""
+"""Export a trained network to ONNX, and save a graph with its :class:`~sepconv.spec.ModelSpec`.
+
+Exporting and saving are apart so the build can verify the graph in memory (ONNX Runtime loads
+bytes) and write the file, metadata included, exactly once when every figure is known.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import onnx
 import torch
 from torch import nn
 
-from service.spec import ModelSpec
+from sepconv.spec import ModelSpec, save_model
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +45,22 @@ def _quiet_exporter() -> Iterator[None]:
             lg.setLevel(saved[name])
 
 
-def export_onnx(net: nn.Module, spec: ModelSpec, path: str | Path) -> Path:
-    """Export ``net`` (eval mode, BN folded into the convs) with a dynamic batch axis.
-
-    The spec's build-time fields (opset, torch version, build date) are filled in here.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    spec = spec.model_copy(
+def with_build_info(spec: ModelSpec) -> ModelSpec:
+    """The spec with the build-time fields filled in: opset, torch version, build date."""
+    return spec.model_copy(
         update={
             "onnx_opset": OPSET,
             "torch_version": torch.__version__,
             "build_date": spec.build_date or datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
     )
+
+
+def export_graph(net: nn.Module, spec: ModelSpec) -> onnx.ModelProto:
+    """``net`` (eval mode, BN folded into the convs) as an ONNX graph with a dynamic batch axis.
+
+    The graph carries no sepconv metadata yet: :func:`save_model` writes it with the file.
+    """
     was_training = net.training
     net = net.eval().cpu()
     example = torch.zeros(2, spec.channels, spec.input_size, spec.input_size)
@@ -81,12 +87,16 @@ def export_onnx(net: nn.Module, spec: ModelSpec, path: str | Path) -> Path:
         dim0.ClearField("dim_value")
         dim0.dim_param = "batch"
     del proto.metadata_props[:]
-    for key, value in spec.to_metadata().items():
-        proto.metadata_props.add(key=key, value=value)
     proto.producer_name = "sepconv-serve"
     _name_layers(proto)
     onnx.checker.check_model(proto, full_check=True)
-    onnx.save(proto, path)
+    return proto
+
+
+def export_onnx(net: nn.Module, spec: ModelSpec, path: str | Path) -> Path:
+    """Export and save in one step, for callers that measure nothing in between."""
+    spec = with_build_info(spec)
+    path = save_model(export_graph(net, spec), spec, path)
     log.info("exported %s (%s, opset %d)", path, spec.name, OPSET)
     return path
 

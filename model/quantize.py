@@ -28,7 +28,7 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from service.spec import ModelSpec
+from sepconv.spec import ModelSpec, save_model, spec_from_proto
 
 log = logging.getLogger(__name__)
 
@@ -56,95 +56,55 @@ class ArrayCalibrationReader(CalibrationDataReader):
         self._it = self._batches()
 
 
-def depthwise_conv_names(model: onnx.ModelProto) -> list[str]:
-    """Names of the grouped (depthwise) Conv nodes, for excluding them from quantization."""
-    names = []
-    for node in model.graph.node:
-        if node.op_type != "Conv":
-            continue
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        if group > 1:
-            names.append(node.name)
-    return names
-
-
-def _read_spec(model: onnx.ModelProto) -> ModelSpec:
-    return ModelSpec.from_metadata({p.key: p.value for p in model.metadata_props})
-
-
-def write_spec(path: Path, spec: ModelSpec) -> None:
-    """Replace the sepconv metadata of an ONNX file in place (e.g. to record INT8 accuracy)."""
-    model = onnx.load(path)
-    del model.metadata_props[:]
-    for key, value in spec.to_metadata().items():
-        model.metadata_props.add(key=key, value=value)
-    onnx.save(model, path)
-
-
-def quantize_int8(
-    fp32_path: Path,
-    calibration: np.ndarray,
-    out_path: Path,
-    *,
-    quant_format: QuantFormat = QuantFormat.QDQ,
-    activation_type: QuantType = QuantType.QUInt8,
-    weight_type: QuantType = QuantType.QInt8,
-    per_channel: bool = True,
-    reduce_range: bool = False,
-    exclude_depthwise: bool = False,
-    calibrate_method: CalibrationMethod = CalibrationMethod.MinMax,
-) -> Path:
-    """Quantize ``fp32_path`` to INT8 calibrated on ``calibration`` and write ``out_path``.
+def quantize_graph(
+    source: onnx.ModelProto, spec: ModelSpec, calibration: np.ndarray
+) -> onnx.ModelProto:
+    """The INT8 graph of ``source``, calibrated on ``calibration``; no metadata yet.
 
     ``calibration`` holds normalised model inputs, float32 (N, C, H, W), exactly what the
-    service feeds the model. The output carries the same :class:`ModelSpec` with
-    ``precision="int8"``; ``test_accuracy`` is cleared because the FP32 figure does not
-    describe the quantized model (measure it and record it with :func:`write_spec`).
+    service feeds the model. Settings are the measured ones in the module docstring: QDQ,
+    uint8 activations, int8 per-channel weights, full range, MinMax ranges, every layer.
     """
-    fp32_path, out_path = Path(fp32_path), Path(out_path)
-    source = onnx.load(fp32_path)
-    spec = _read_spec(source)
     expected = (spec.channels, spec.input_size, spec.input_size)
     if calibration.ndim != 4 or tuple(calibration.shape[1:]) != expected or not len(calibration):
         raise ValueError(
             f"calibration must be float32 (N, {', '.join(map(str, expected))}) with N >= 1, "
             f"got shape {calibration.shape}"
         )
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="sepconv-quant-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         # Symbolic shape inference + ORT's basic graph optimisations, so that every tensor has
         # a known type/shape and the quantizer sees the graph ORT will actually run.
         quant_pre_process(source, prepared, skip_symbolic_shape=False)
-        prepared_model = onnx.load(prepared)
-        exclude = depthwise_conv_names(prepared_model) if exclude_depthwise else []
         quantize_static(
             prepared,
             Path(tmp) / "quantized.onnx",
             ArrayCalibrationReader(calibration, spec.input_name),
-            quant_format=quant_format,
-            activation_type=activation_type,
-            weight_type=weight_type,
-            per_channel=per_channel,
-            reduce_range=reduce_range,
-            nodes_to_exclude=exclude,
-            calibrate_method=calibrate_method,
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            reduce_range=False,
+            calibrate_method=CalibrationMethod.MinMax,
         )
         quantized = onnx.load(Path(tmp) / "quantized.onnx")
-    int8_spec = spec.model_copy(update={"precision": "int8", "test_accuracy": None})
-    del quantized.metadata_props[:]
-    for key, value in int8_spec.to_metadata().items():
-        quantized.metadata_props.add(key=key, value=value)
     quantized.producer_name = source.producer_name
-    onnx.checker.check_model(quantized)
-    onnx.save(quantized, out_path)
-    log.info(
-        "quantized %s -> %s (%d calibration images, %s, per_channel=%s, %d depthwise excluded)",
-        fp32_path,
-        out_path,
-        len(calibration),
-        quant_format.name,
-        per_channel,
-        len(exclude),
-    )
-    return out_path
+    log.info("quantized %s to INT8 (%d calibration images)", spec.name, len(calibration))
+    return quantized
+
+
+def int8_spec(spec: ModelSpec, test_accuracy: float | None = None) -> ModelSpec:
+    """The INT8 model's spec: the FP32 accuracy does not describe it, so only a measured one."""
+    return spec.model_copy(update={"precision": "int8", "test_accuracy": test_accuracy})
+
+
+def quantize_int8(fp32_path: Path, calibration: np.ndarray, out_path: Path) -> Path:
+    """Quantize the file ``fp32_path`` and write ``out_path`` (``test_accuracy`` left empty).
+
+    For callers that do not measure the result; the build measures it first and writes the
+    file once with the figure (:func:`quantize_graph` + :func:`sepconv.spec.save_model`).
+    """
+    source = onnx.load(Path(fp32_path))
+    spec = spec_from_proto(source)
+    quantized = quantize_graph(source, spec, calibration)
+    return save_model(quantized, int8_spec(spec), Path(out_path))

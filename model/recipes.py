@@ -6,52 +6,62 @@ be repeated exactly with ``--config DIR/build_config.json``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-@dataclass(frozen=True)
-class BuildConfig:
+
+class BuildConfig(BaseModel):
+    """Every build setting; validated when built, so a bad value fails before any work."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
     recipe: str = "quick"
     data: str = "fashion-mnist"
     data_dir: str = "/usr/share/datasets/fashion-mnist"
     #: ``None``: from the data (Fashion-MNIST: L; a folder: L if every image is greyscale).
     color: Literal["L", "RGB"] | None = None
-    test_fraction: float = 0.2
-    classes: int | None = None
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    classes: int | None = Field(None, ge=2)
     alpha: float = 0.25
-    input_size: int = 28
+    input_size: int = Field(28, ge=8)
     #: ``None``: 1 for inputs up to 64 px (so the 32x downsampling does not collapse the map).
-    stem_stride: int | None = None
-    dropout: float = 0.0
-    epochs: int = 8
-    batch_size: int = 128
+    stem_stride: Literal[1, 2] | None = None
+    dropout: float = Field(0.0, ge=0, lt=1)
+    epochs: int = Field(8, ge=0)
+    batch_size: int = Field(128, ge=1)
     optimizer: Literal["adamw", "sgd"] = "sgd"
-    lr: float = 0.4
-    weight_decay: float = 5e-5
+    lr: float = Field(0.4, gt=0)
+    weight_decay: float = Field(5e-5, ge=0)
     schedule: Literal["onecycle", "cosine"] = "onecycle"
-    warmup_epochs: float = 0.3
-    label_smoothing: float = 0.1
+    warmup_epochs: float = Field(0.3, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
     #: Augmentation, applied on whole batches in torch: random crop from a zero-padded image,
     #: horizontal flip, random erasing.
-    crop_padding: int = 0
+    crop_padding: int = Field(0, ge=0)
     hflip: bool = True
-    erase_prob: float = 0.0
-    train_limit: int | None = None
-    test_limit: int | None = None
-    eval_batch_size: int = 500
+    erase_prob: float = Field(0.0, ge=0, le=1)
+    train_limit: int | None = Field(None, ge=1)
+    test_limit: int | None = Field(None, ge=1)
+    eval_batch_size: int = Field(500, ge=1)
     seed: int = 0
     device: str = "auto"
     channels_last: bool = True
     #: Train only this many batches per epoch and test on a few hundred images (CI smoke).
     dry_run: bool = False
     int8: bool = False
-    calibration_size: int = 500
+    calibration_size: int = Field(500, ge=1)
     name: str = "mobilenet_v1"
     version: str = "1"
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, value: float) -> float:
+        if not 0 < value <= 1:
+            raise ValueError(f"alpha must be in (0, 1], got {value}")
+        return value
 
     def resolved_stem_stride(self) -> int:
         if self.stem_stride is not None:
@@ -59,7 +69,7 @@ class BuildConfig:
         return 1 if self.input_size <= 64 else 2
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+        return self.model_dump_json(indent=2) + "\n"
 
 
 RECIPES: dict[str, dict[str, Any]] = {
@@ -96,11 +106,14 @@ def resolve(
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> BuildConfig:
-    """Recipe defaults, then a JSON config file, then explicit overrides (``None`` = not given)."""
+    """Recipe defaults, then a JSON config file, then explicit overrides (``None`` = not given).
+
+    Raises ValueError naming every bad or unknown setting.
+    """
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     values: dict[str, Any] = {"recipe": recipe, **RECIPES[recipe]}
-    fields = {f.name for f in dataclasses.fields(BuildConfig)}
+    fields = set(BuildConfig.model_fields)
     if config_file is not None:
         loaded = json.loads(Path(config_file).read_text())
         unknown = sorted(set(loaded) - fields)
@@ -112,30 +125,11 @@ def resolve(
             raise ValueError(f"unknown setting {key!r}")
         if value is not None:
             values[key] = value
-    config = BuildConfig(**values)
-    _validate(config)
-    return config
-
-
-def _validate(c: BuildConfig) -> None:
-    problems = []
-    if not 0 < c.alpha <= 1:
-        problems.append(f"alpha must be in (0, 1], got {c.alpha}")
-    if c.input_size < 8:
-        problems.append(f"input size must be at least 8 px, got {c.input_size}")
-    if c.epochs < 0:
-        problems.append(f"epochs must be >= 0, got {c.epochs}")
-    if c.batch_size < 1 or c.eval_batch_size < 1:
-        problems.append("batch sizes must be positive")
-    if c.classes is not None and c.classes < 2:
-        problems.append(f"classes must be at least 2, got {c.classes}")
-    if c.stem_stride not in (None, 1, 2):
-        problems.append(f"stem stride must be 1 or 2, got {c.stem_stride}")
-    if not 0 <= c.label_smoothing < 1:
-        problems.append(f"label smoothing must be in [0, 1), got {c.label_smoothing}")
-    if not 0 <= c.erase_prob <= 1:
-        problems.append(f"erase probability must be in [0, 1], got {c.erase_prob}")
-    if c.crop_padding < 0:
-        problems.append(f"crop padding must be >= 0, got {c.crop_padding}")
-    if problems:
-        raise ValueError("; ".join(problems))
+    try:
+        return BuildConfig(**values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        )
+        raise ValueError(problems) from None

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -19,10 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.data import PixelSpec, Split, iter_batches, progress
+from model.data import Split, iter_batches, progress
 from model.evaluate import evaluate, to_input
 from model.network import MobileNetV1
 from model.recipes import BuildConfig
+from sepconv.hardware import available_cores
+from sepconv.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,7 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def configure_cpu_threads() -> int:
     """One intra-op thread per CPU this process may run on (cgroups and taskset included)."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        n = os.cpu_count() or 1
-    torch.set_num_threads(max(1, n))
+    torch.set_num_threads(available_cores())
     return torch.get_num_threads()
 
 
@@ -171,7 +168,7 @@ def train_one_epoch(
     opt,
     sched,
     split: Split,
-    pixels: PixelSpec,
+    pixels: Preprocessing,
     device,
     config,
     gen,
@@ -217,7 +214,7 @@ def fit(
     config: BuildConfig,
     train: Split,
     test: Split,
-    pixels: PixelSpec,
+    pixels: Preprocessing,
     num_classes: int,
     *,
     checkpoint: Path | None = None,
@@ -316,7 +313,7 @@ def save_checkpoint(
             "state_dict": state,
             "epoch": epoch,
             "test_accuracy": accuracy,
-            "config": config.__dict__,
+            "config": config.model_dump(),
         },
         tmp,
     )

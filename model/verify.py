@@ -13,9 +13,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.data import PixelSpec, Split
+from model.data import Split
 from model.evaluate import onnx_accuracy
-from service import preprocess
+from sepconv import preprocess
+from sepconv.preprocess import Preprocessing
 
 #: The largest absolute logit difference accepted between ONNX Runtime and PyTorch.
 TOLERANCE = 1e-4
@@ -62,15 +63,17 @@ class VerifyReport:
         return not self.problems
 
 
-def ort_session(path: str | Path):
-    """A CPU session: the reference every provider is compared against."""
+def ort_session(model: str | Path | bytes):
+    """A CPU session on a file or serialized bytes: the reference every provider is compared
+    against."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, providers=["CPUExecutionProvider"])
 
 
 def comparison_batch(
-    pixels: PixelSpec, test: Split | None, seed: int = 0
+    pixels: Preprocessing, test: Split | None, seed: int = 0
 ) -> tuple[np.ndarray, str]:
     """The first test images, normalised; random inputs only when there is no data at all."""
     if test is not None and len(test):
@@ -94,17 +97,18 @@ def max_logit_difference(net: nn.Module, session, x: np.ndarray) -> float:
 
 
 def verify(
-    onnx_path: str | Path,
+    onnx_model: str | Path | bytes,
     net: nn.Module,
-    pixels: PixelSpec,
+    pixels: Preprocessing,
     test: Split | None,
     *,
     torch_accuracy: float | None = None,
     batch_size: int = 500,
     tolerance: float = TOLERANCE,
 ) -> VerifyReport:
-    """Compare ``onnx_path`` with ``net``; re-measure accuracy through ORT when there is data."""
-    session = ort_session(onnx_path)
+    """Compare ``onnx_model`` (a file or its bytes) with ``net``; re-measure accuracy through ORT
+    when there is data."""
+    session = ort_session(onnx_model)
     x, what = comparison_batch(pixels, test)
     diff = max_logit_difference(net, session, x)
     acc = None

@@ -17,6 +17,7 @@ import tempfile
 
 from pydantic import ValidationError
 
+from service.logs import configure_logging
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -52,15 +53,6 @@ def _share_metrics_between_workers(workers: int) -> None:
     log.info("%d workers share metrics through %s", workers, path)
 
 
-def configure_logging(level: str) -> None:
-    """The service's own log lines; uvicorn configures its loggers itself. Spawned workers
-    start with a bare interpreter, so :mod:`service.supervisor` calls this in each of them."""
-    logging.basicConfig(
-        level=level.upper() if level != "trace" else "DEBUG",
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sepconv-serve",
@@ -82,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level)
 
-    from service.runtime import ModelLoadError, choose_providers
-    from service.spec import SpecError, read_spec
+    from sepconv.spec import SpecError, read_spec
+    from service.engine.runtime import ModelLoadError, choose_providers
 
     try:
         if not settings.model_path.is_file():
@@ -115,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         _share_metrics_between_workers(settings.workers)
         if reuseport_available():
             return run_workers(settings.workers, server_options, settings.graceful_shutdown_s)
-    uvicorn.run("service.main:create_app", factory=True, workers=settings.workers, **server_options)
+    uvicorn.run(
+        "service.api.app:create_app", factory=True, workers=settings.workers, **server_options
+    )
     # uvicorn returns after a failed start-up instead of raising.
     return 0
 

@@ -1,131 +1,107 @@
-"""One error shape for every failure: ``{"error": "<short_code>", "detail": "<sentence>"}``.
+"""Every failure the service reports, as exceptions that know nothing of HTTP frameworks or gRPC.
 
-OIP routes (``/v2``) answer ``{"error": "<sentence>"}`` instead, as the protocol specifies.
-Bad input is always a 4xx naming the problem; a 500 means a real server fault and is logged.
+Each carries a stable machine-readable ``code``, the HTTP ``status_code`` it means, a ``detail``
+sentence safe to show the client, and, for "try again later", ``retry_after_s``. The engine and
+the protocol codecs raise them; each protocol turns them into its own wire error in one place
+(``/v1``: :func:`service.protocols.v1.error_body`, OIP REST: :func:`service.protocols.oip.
+error_body`, both registered by :mod:`service.api.errors`). Bad input is always a 4xx; a 5xx means
+a real server fault.
 """
 
 from __future__ import annotations
 
-import logging
-from http import HTTPStatus
-
-import orjson
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response
-
-log = logging.getLogger(__name__)
+NOT_READY_DETAIL = "the model is not loaded and warmed up yet"
 
 
-class APIError(StarletteHTTPException):
-    """An error with a stable machine-readable code.
+class ServiceError(Exception):
+    """Base class: ``code`` and ``status_code`` are class defaults a raise site may override."""
 
-    It subclasses Starlette's HTTPException on purpose: FastAPI re-raises those untouched while it
-    parses a body, where any other exception would be flattened into a generic 400.
-    """
+    code: str = "internal_error"
+    status_code: int = 500
 
     def __init__(
         self,
-        status_code: int,
-        error: str,
         detail: str,
-        headers: dict[str, str] | None = None,
+        *,
+        code: str | None = None,
+        status_code: int | None = None,
+        retry_after_s: int | None = None,
     ) -> None:
-        super().__init__(status_code=status_code, detail=detail, headers=headers)
-        self.error = error
+        super().__init__(detail)
+        self.detail = detail
+        if code is not None:
+            self.code = code
+        if status_code is not None:
+            self.status_code = status_code
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the error implies (``Retry-After`` for the retryable ones)."""
+        if self.retry_after_s is None:
+            return {}
+        return {"Retry-After": str(self.retry_after_s)}
 
 
-def error_body(error: str, detail: str) -> dict[str, str]:
-    return {"error": error, "detail": detail}
+class InvalidRequest(ServiceError):
+    code, status_code = "invalid_request", 400
 
 
-def _code_for(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
-    except ValueError:
-        return "error"
+class InvalidParameter(ServiceError):
+    code, status_code = "invalid_parameter", 422
 
 
-def error_response(
-    request_path: str,
-    status_code: int,
-    error: str,
-    detail: str,
-    headers: dict[str, str] | None = None,
-) -> Response:
-    body = {"error": detail} if request_path.startswith("/v2") else error_body(error, detail)
-    return Response(
-        orjson.dumps(body), status_code=status_code, media_type="application/json", headers=headers
-    )
+class InvalidInput(ServiceError):
+    """A tensor that does not fit the model's input."""
+
+    code, status_code = "invalid_input", 400
 
 
-async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-    error = exc.error if isinstance(exc, APIError) else _code_for(exc.status_code)
-    detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-    return error_response(request.url.path, exc.status_code, error, detail, exc.headers)
+class InvalidImage(ServiceError):
+    code, status_code = "invalid_image", 400
 
 
-def _describe_validation(exc: RequestValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body",)) or "request"
-        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts) or "invalid request"
+class ImageTooLarge(ServiceError):
+    code, status_code = "image_too_large", 413
 
 
-async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
-    return error_response(request.url.path, 422, "invalid_parameter", _describe_validation(exc))
+class PayloadTooLarge(ServiceError):
+    code, status_code = "body_too_large", 413
 
 
-async def _unexpected(request: Request, exc: Exception) -> Response:
-    # Only real server faults get here: every bad-input path raises an APIError first.
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(
-        request.url.path, 500, "internal_error", "the server failed to handle this request"
-    )
+class UnsupportedMediaType(ServiceError):
+    code, status_code = "unsupported_media_type", 415
 
 
-async def _image_error(request: Request, exc: Exception) -> Response:
-    from service.preprocess import ImageTooLargeError
-
-    if isinstance(exc, ImageTooLargeError):
-        return error_response(request.url.path, 413, "image_too_large", str(exc))
-    return error_response(request.url.path, 400, "invalid_image", str(exc))
+class NotAcceptable(ServiceError):
+    code, status_code = "not_acceptable", 406
 
 
-async def _batcher_error(request: Request, exc: Exception) -> Response:
-    from service.batcher import InvalidInputError, QueueFullError, RequestTimeoutError
-
-    if isinstance(exc, QueueFullError):
-        headers = {"Retry-After": str(exc.retry_after_s)}
-        return error_response(request.url.path, 429, "overloaded", str(exc), headers)
-    if isinstance(exc, InvalidInputError):
-        return error_response(request.url.path, 400, "invalid_input", str(exc))
-    if isinstance(exc, RequestTimeoutError):
-        return error_response(request.url.path, 504, "timeout", str(exc))
-    # BatchFailedError: the model run failed, which is the server's fault, not the client's.
-    log.error("inference failed on %s: %s", request.url.path, exc)
-    return error_response(request.url.path, 500, "inference_failed", str(exc))
+class NotFound(ServiceError):
+    code, status_code = "not_found", 404
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Register every handler; routers (the /v2 ones too) just raise."""
-    from service.batcher import BatcherError
-    from service.preprocess import ImageError
+class Overloaded(ServiceError):
+    """Refused to protect the requests already admitted; retry after ``retry_after_s``."""
 
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(ImageError, _image_error)
-    app.add_exception_handler(BatcherError, _batcher_error)
-    app.add_exception_handler(Exception, _unexpected)
+    code, status_code = "overloaded", 429
 
 
-#: Reusable OpenAPI response entries with the error body as example.
-def error_example(status: int, error: str, detail: str, description: str) -> dict:
-    return {
-        status: {
-            "description": description,
-            "content": {"application/json": {"example": error_body(error, detail)}},
-        }
-    }
+class NotReady(ServiceError):
+    """The model is not loaded and warm yet, or the server is shutting down."""
+
+    code, status_code = "not_ready", 503
+
+    def __init__(self, detail: str = NOT_READY_DETAIL) -> None:
+        # A retry soon succeeds: start-up takes seconds, and a draining server's peers answer.
+        super().__init__(detail, retry_after_s=1)
+
+
+class DeadlineExceeded(ServiceError):
+    code, status_code = "timeout", 504
+
+
+class InferenceFailed(ServiceError):
+    """The model run failed: the server's fault, not the client's."""
+
+    code, status_code = "inference_failed", 500

@@ -1,18 +1,18 @@
-"""Prometheus metrics (default registry), plus the ASGI middleware that records HTTP traffic.
+"""Prometheus metrics (default registry) and the engine observer that records them.
 
 Names follow Prometheus conventions: base units (seconds), ``_total`` on counters, and the
-``route`` label is the route template (``/v2/models/{name}/infer``), never the raw path, so a
-scanner hitting random URLs cannot blow up the series count.
+``route`` label is the route template (``/v2/models/{name}/infer``), never the raw path
+(:class:`service.api.middleware.MetricsMiddleware` records HTTP traffic).
 """
 
 from __future__ import annotations
 
 import os
-import time
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import multiprocess as _multiprocess
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.engine.observer import EngineObserver
 
 #: Sub-millisecond to seconds: a 28px image takes ~0.1 ms to preprocess, a 224px batch ~100 ms.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -71,12 +71,6 @@ BATCH_REJECTED = Counter(
     ["reason"],
 )
 
-UNMATCHED_ROUTE = "<unmatched>"
-
-#: (route, method, status) -> metric children; bounded like the label set itself, and it saves
-#: the label lookup (a lock and a dict) on every request.
-_children: dict[tuple[str, str, int], tuple] = {}
-
 
 def multiprocess_enabled() -> bool:
     """Several worker processes share metrics through files in ``PROMETHEUS_MULTIPROC_DIR``."""
@@ -106,44 +100,31 @@ def mark_process_dead() -> None:
         _multiprocess.mark_process_dead(os.getpid())
 
 
-def route_template(scope: Scope) -> str:
-    """The template of the route that served ``scope``; a fixed label when none matched."""
-    route = scope.get("route")
-    return getattr(route, "path", None) or UNMATCHED_ROUTE
+class PrometheusObserver(EngineObserver):
+    """The engine's hooks, recorded in the metrics above."""
 
+    def __init__(self) -> None:
+        self._rejected = {}
 
-class MetricsMiddleware:
-    """Pure ASGI (no BaseHTTPMiddleware): no extra task or body copy per request."""
+    def preprocessed(self, seconds: float) -> None:
+        PREPROCESS_DURATION.observe(seconds)
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def queue_depth(self, depth: int) -> None:
+        BATCH_QUEUE_DEPTH.set(depth)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = 500
+    def rejected(self, reason: str) -> None:
+        child = self._rejected.get(reason)
+        if child is None:
+            child = self._rejected[reason] = BATCH_REJECTED.labels(reason)
+        child.inc()
 
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
+    def batch_started(self, size: int, queue_waits: list[float]) -> None:
+        for wait in queue_waits:
+            BATCH_QUEUE_WAIT.observe(wait)
+        BATCH_SIZE.observe(size)
 
-        HTTP_IN_FLIGHT.inc()
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            HTTP_IN_FLIGHT.dec()
-            route = route_template(scope)
-            key = (route, scope["method"], status)
-            children = _children.get(key)
-            if children is None:
-                labels = (route, scope["method"], str(status))
-                children = _children[key] = (
-                    HTTP_REQUESTS.labels(*labels),
-                    HTTP_DURATION.labels(*labels),
-                )
-            children[0].inc()
-            children[1].observe(time.perf_counter() - start)
+    def inference(self, seconds: float, batch_size: int) -> None:
+        INFERENCE_DURATION.observe(seconds)
+
+    def classified(self, images: int) -> None:
+        IMAGES_CLASSIFIED.inc(images)

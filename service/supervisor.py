@@ -73,7 +73,7 @@ def _worker_main(index: int, uvicorn_kwargs: dict[str, Any]) -> None:
     """Entry point of one spawned worker: its own socket, then an ordinary uvicorn server."""
     import uvicorn
 
-    from service.__main__ import configure_logging
+    from service.logs import configure_logging
 
     configure_logging(uvicorn_kwargs["log_level"])
     host, port = uvicorn_kwargs["host"], uvicorn_kwargs["port"]
@@ -84,7 +84,7 @@ def _worker_main(index: int, uvicorn_kwargs: dict[str, Any]) -> None:
             f"sepconv-serve worker {index}: cannot listen on {host}:{port}: {exc}", file=sys.stderr
         )
         sys.exit(1)
-    config = uvicorn.Config("service.main:create_app", factory=True, **uvicorn_kwargs)
+    config = uvicorn.Config("service.api.app:create_app", factory=True, **uvicorn_kwargs)
     server = uvicorn.Server(config)
     server.run(sockets=[sock])
     # uvicorn returns (instead of raising) when the app's start-up fails.

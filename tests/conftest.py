@@ -20,7 +20,7 @@ def _build(tmp: Path, *, color_mode: str, input_size: int, stem_stride: int, see
 
     from model.export import export_onnx
     from model.network import MobileNetV1
-    from service.spec import ModelSpec
+    from sepconv.spec import ModelSpec
 
     torch.manual_seed(seed)
     channels = 1 if color_mode == "L" else 3
@@ -84,7 +84,9 @@ def make_png():
 
 
 class FailingBatcher:
-    """Stands in for ``app.state.batcher``: every submit raises the given error."""
+    """Stands in for the classifier's batcher: every submit raises the given error."""
+
+    max_queue_size = 512
 
     def __init__(self, exc: Exception) -> None:
         self.exc = exc

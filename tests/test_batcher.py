@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from service.batcher import (
+from service.engine.batcher import (
     Batcher,
     BatchFailedError,
     InvalidInputError,
     QueueFullError,
     RequestTimeoutError,
 )
+from service.metrics import PrometheusObserver
 
 
 def _sample(name: str, **labels: str) -> float:
@@ -52,7 +53,8 @@ def run(coro):
 
 
 async def _with_batcher(model, body, **kw):
-    batcher = Batcher(model, **kw)
+    # The metrics these tests read are the Prometheus observer's, as in the app.
+    batcher = Batcher(model, observer=PrometheusObserver(), **kw)
     batcher.start()
     try:
         return await body(batcher)

@@ -13,7 +13,7 @@ from bench.__main__ import check_targets, parse_args, server_env
 from bench.models import BenchModel, sample_images
 from bench.report import markdown, plot
 from bench.server import ServerError, ServerProcess, free_port
-from service.spec import read_spec
+from sepconv.spec import read_spec
 
 
 def test_percentile_matches_numpy_linear_definition():

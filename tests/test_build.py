@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from model import cli
-from model.data import FASHION_MNIST_DIR, PixelSpec, Split, load_image_folder
+from model.data import FASHION_MNIST_DIR, Split, load_image_folder
 from model.export import export_onnx
 from model.recipes import resolve
 from model.train import augment, fit, load_checkpoint
 from model.verify import TOLERANCE, verify
-from service.spec import ModelSpec, read_spec
+from sepconv.preprocess import Preprocessing
+from sepconv.spec import ModelSpec, read_spec
 
 from .test_data import make_folder
 
@@ -102,7 +103,7 @@ def test_few_batch_training_dry_run_keeps_a_rebuildable_checkpoint(dataset, tmp_
 # ----------------------------------------------------------------------------- export, verify
 
 
-def _tiny_export(tmp_path: Path, pixels: PixelSpec, labels: list[str]):
+def _tiny_export(tmp_path: Path, pixels: Preprocessing, labels: list[str]):
     torch.manual_seed(0)
     from model.network import MobileNetV1
 

@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from service.cost import (
+from sepconv.cost import (
     CostError,
     CostReport,
     LayerKind,
@@ -339,7 +339,7 @@ def paper_224(tmp_path_factory) -> Path:
     pytest.importorskip("torch")
     from model.export import export_onnx
     from model.network import MobileNetV1
-    from service.spec import ModelSpec
+    from sepconv.spec import ModelSpec
 
     spec = ModelSpec(
         name="mobilenet_v1-1.0-224",
@@ -429,7 +429,7 @@ def test_cli_prints_json_and_markdown(tiny_model_path):
 def client(tiny_model_path):
     from fastapi.testclient import TestClient
 
-    from service.main import create_app
+    from service.api.app import create_app
     from service.settings import Settings
 
     settings = Settings(model_path=tiny_model_path, provider="cpu", warmup_runs=0)
@@ -506,7 +506,7 @@ def test_endpoint_reports_the_served_graph_even_if_the_file_is_replaced(
 
     from fastapi.testclient import TestClient
 
-    from service.main import create_app
+    from service.api.app import create_app
     from service.settings import Settings
 
     served = tmp_path / "model.onnx"

@@ -20,7 +20,7 @@ from model.data import (
     read_idx,
 )
 from model.evaluate import to_input
-from service.preprocess import preprocess_bytes
+from sepconv.preprocess import preprocess_bytes
 
 from .conftest import png_bytes
 

@@ -13,9 +13,9 @@ import orjson
 import pytest
 from tritonclient.http import InferenceServerClient, InferInput, InferRequestedOutput
 
-from service import oip
-from service.batcher import BatchFailedError, QueueFullError, RequestTimeoutError
-from service.spec import ModelSpec
+from sepconv.spec import ModelSpec
+from service.engine.batcher import BatchFailedError, QueueFullError, RequestTimeoutError
+from service.protocols import oip
 
 from .conftest import FailingBatcher
 
@@ -315,7 +315,7 @@ def _settings(model_path, **overrides):
 def client(tiny_model_path):
     from fastapi.testclient import TestClient
 
-    from service.main import create_app
+    from service.api.app import create_app
 
     with TestClient(create_app(_settings(tiny_model_path))) as c:
         yield c
@@ -323,7 +323,7 @@ def client(tiny_model_path):
 
 @pytest.fixture(scope="module")
 def tiny_spec(tiny_model_path) -> ModelSpec:
-    from service.spec import read_spec
+    from sepconv.spec import read_spec
 
     return read_spec(str(tiny_model_path))
 
@@ -350,7 +350,7 @@ def _pixels(spec: ModelSpec, n: int, seed: int = 0) -> np.ndarray:
 
 
 def _preprocessed(images: list[bytes], spec: ModelSpec) -> np.ndarray:
-    from service.preprocess import preprocess_bytes
+    from sepconv.preprocess import preprocess_bytes
 
     return np.stack([preprocess_bytes(i, spec, max_pixels=10**7) for i in images])
 
@@ -473,7 +473,7 @@ def test_bad_infer_requests_are_4xx_json(client, tiny_spec, content, headers, st
 def test_oversized_and_decompression_bomb_bodies_are_413(tiny_model_path, tiny_spec):
     from fastapi.testclient import TestClient
 
-    from service.main import create_app
+    from service.api.app import create_app
 
     with TestClient(create_app(_settings(tiny_model_path, max_body_bytes=4096))) as c:
         big = c.post(_infer_url(tiny_spec), content=b" " * 5000)
@@ -487,7 +487,7 @@ def test_oversized_and_decompression_bomb_bodies_are_413(tiny_model_path, tiny_s
 def test_too_many_rows_for_the_queue_is_413(tiny_model_path, tiny_spec):
     from fastapi.testclient import TestClient
 
-    from service.main import create_app
+    from service.api.app import create_app
 
     settings = _settings(tiny_model_path, max_batch_size=2, max_queue_size=4)
     with TestClient(create_app(settings)) as c:
@@ -499,8 +499,11 @@ def test_too_many_rows_for_the_queue_is_413(tiny_model_path, tiny_spec):
 
 @contextlib.contextmanager
 def swapped_state(client, **values):
-    """Swap ``app.state`` attributes for a while (monkeypatch cannot restore a Starlette State)."""
+    """Swap ``app.state`` attributes (``batcher``: the classifier's) for a while (monkeypatch
+    cannot restore a Starlette State)."""
     state = client.app.state
+    if "batcher" in values:
+        state = state.classifier
     saved = {name: getattr(state, name) for name in values}
     for name, value in values.items():
         setattr(state, name, value)
@@ -551,7 +554,7 @@ def server_url(tiny_model_path):
 
     import uvicorn
 
-    from service.main import create_app
+    from service.api.app import create_app
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 
 from model.quantize import ArrayCalibrationReader, quantize_int8
-from service.spec import read_spec
+from sepconv.spec import read_spec
 
 
 def _session(path) -> ort.InferenceSession:

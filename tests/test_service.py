@@ -17,18 +17,18 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client import REGISTRY
 
-from service.batcher import (
+from sepconv.preprocess import preprocess_bytes
+from sepconv.spec import read_spec
+from service.api.app import create_app
+from service.engine.batcher import (
     BatchFailedError,
     InvalidInputError,
     QueueFullError,
     RequestTimeoutError,
 )
-from service.main import create_app
-from service.postprocess import softmax
-from service.preprocess import preprocess_bytes
-from service.runtime import ModelLoadError, ModelRuntime
+from service.engine.postprocess import softmax
+from service.engine.runtime import ModelLoadError, ModelRuntime
 from service.settings import Settings
-from service.spec import read_spec
 
 from .conftest import TINY_LABELS, FailingBatcher, png_bytes
 
@@ -71,7 +71,7 @@ def test_readiness_before_and_after_load(tiny_model_path):
     assert r.status_code == 503 and r.json()["error"] == "not_ready"
     with c:
         assert c.get("/readyz").json() == {"status": "ready"}
-        assert app.state.runtime.providers == ["CPUExecutionProvider"]
+        assert app.state.classifier.runtime.providers == ["CPUExecutionProvider"]
     assert c.get("/readyz").status_code == 503  # shut down: not ready any more
 
 
@@ -186,14 +186,14 @@ def test_multipart_several_files_keep_their_order(client, make_png, tiny_model_p
 
 
 def test_served_tensor_is_the_shared_preprocessing(tiny_rgb_model_path):
-    """The tensor that reaches ORT equals service.preprocess's output for the same bytes."""
+    """The tensor that reaches ORT equals sepconv.preprocess's output for the same bytes."""
     rng = np.random.default_rng(5)
     blob = png_bytes(rng.integers(0, 256, (45, 60, 4), dtype=np.uint8), "RGBA")
     spec = read_spec(str(tiny_rgb_model_path))
     expected = preprocess_bytes(blob, spec, max_pixels=10**8)
     seen = []
     with TestClient(create_app(_settings(tiny_rgb_model_path))) as c:
-        batcher = c.app.state.batcher
+        batcher = c.app.state.classifier.batcher
         inner = batcher.run_batch
 
         def spy(x):
@@ -210,8 +210,8 @@ def test_served_tensor_is_the_shared_preprocessing(tiny_rgb_model_path):
 @pytest.mark.parametrize("shape", [(224, 224, 3), (4, 28, 28, 1), (2, 9, 7, 3)])
 def test_table_normalize_is_bit_identical_to_the_formula(shape):
     """normalize() looks uint8 values up in a table; it must equal the float32 formula exactly."""
-    from service.preprocess import normalize
-    from service.spec import ModelSpec
+    from sepconv.preprocess import normalize
+    from sepconv.spec import ModelSpec
 
     c = shape[-1]
     spec = ModelSpec(
@@ -283,7 +283,7 @@ def test_concurrent_distinct_images_each_get_their_own_answer(tiny_model_path):
 
     async def main():
         async with app.router.lifespan_context(app):
-            batcher = app.state.batcher
+            batcher = app.state.classifier.batcher
             inner = batcher.run_batch
 
             def spy(x):
@@ -474,12 +474,12 @@ def test_unknown_route_and_method(client):
     ],
 )
 def test_batcher_errors_map_to_http(client, make_png, exc, status, error):
-    state = client.app.state
-    real, state.batcher = state.batcher, FailingBatcher(exc)
+    classifier = client.app.state.classifier
+    real, classifier.batcher = classifier.batcher, FailingBatcher(exc)
     try:
         r = client.post("/v1/classify", content=make_png(1), headers=PNG)
     finally:
-        state.batcher = real
+        classifier.batcher = real
     _assert_error(r, status, error)
     if status == 429:
         assert r.headers["retry-after"] == "3"

@@ -9,8 +9,8 @@ import onnx
 import pytest
 from PIL import Image
 
-from service.preprocess import ImageError, ImageTooLargeError, decode, normalize, prepare
-from service.spec import ModelSpec, SpecError, read_spec
+from sepconv.preprocess import ImageError, ImageTooLargeError, decode, normalize, prepare
+from sepconv.spec import ModelSpec, SpecError, read_spec
 
 from .conftest import TINY_LABELS, png_bytes
 
@@ -114,7 +114,7 @@ def test_decode_errors():
 def test_decode_goes_to_a_thread_by_pixels_not_bytes(monkeypatch, size, threaded):
     import asyncio
 
-    from service import pipeline
+    from service.engine import decode as pipeline
     from service.settings import Settings
 
     calls = []
@@ -141,7 +141,7 @@ def test_decode_goes_to_a_thread_by_pixels_not_bytes(monkeypatch, size, threaded
 
 
 def test_header_errors_are_raised_before_any_decoding():
-    from service import pipeline
+    from service.engine import decode as pipeline
 
     small = png_bytes(np.zeros((28, 28), np.uint8))
     with pytest.raises(ImageTooLargeError, match="image b.png: image is 50x50"):

@@ -1,4 +1,8 @@
-"""``Annotated[..., Depends(...)]`` aliases so handlers declare what they need in one word."""
+"""What handlers need from the app, in one word each: the classifier seam, the settings.
+
+The dependency providers are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency
+in its thread pool, which costs a thread hop per request.
+"""
 
 from __future__ import annotations
 
@@ -6,30 +10,24 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.batcher import Batcher
-from service.errors import APIError
-from service.runtime import ModelRuntime
+from service.engine.classifier import Classifier
+from service.errors import NotReady
 from service.settings import Settings
-
-NOT_READY_DETAIL = "the model is not loaded and warmed up yet"
-
-# The provider is ``async def`` on purpose: FastAPI runs a plain ``def`` dependency in its
-# thread pool, which costs a thread hop per request.
 
 
 def is_ready(request: Request) -> bool:
     return bool(getattr(request.app.state, "ready", False))
 
 
-def require_ready(state) -> tuple[ModelRuntime, Batcher, Settings]:
-    """The loaded model, its batcher and the settings, or a 503 while not ready."""
+def require_ready(state) -> tuple[Classifier, Settings]:
+    """The classifier and the settings, or :class:`NotReady` (503) until the model is warm."""
     if not getattr(state, "ready", False):
-        raise APIError(503, "not_ready", NOT_READY_DETAIL, headers={"Retry-After": "1"})
-    return state.runtime, state.batcher, state.settings
+        raise NotReady()
+    return state.classifier, state.settings
 
 
-async def get_runtime(request: Request) -> ModelRuntime:
+async def get_classifier(request: Request) -> Classifier:
     return require_ready(request.app.state)[0]
 
 
-RuntimeDep = Annotated[ModelRuntime, Depends(get_runtime)]
+ClassifierDep = Annotated[Classifier, Depends(get_classifier)]

@@ -1,27 +1,33 @@
 """``POST /v1/classify``: one or several images in, top-k labels out.
 
-The hot path builds the response with orjson directly: no pydantic round trip per request. The
-pydantic models below exist for the OpenAPI schema only.
+The handler reads the images (raw body or multipart), hands them to the Classifier seam and
+encodes the answer with :mod:`service.protocols.v1`. The pydantic models below exist for the
+OpenAPI schema only.
 """
 
 from __future__ import annotations
 
-import orjson
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from service.api.deps import NOT_READY_DETAIL, require_ready
-from service.errors import APIError, error_example
-from service.pipeline import infer_probabilities, is_supported_image_type, preprocess_images_async
-from service.postprocess import top_k as take_top_k
+from service.api.deps import require_ready
+from service.api.errors import ProtocolRoute, error_example
+from service.engine.context import RequestContext
+from service.engine.decode import is_supported_image_type
+from service.errors import NOT_READY_DETAIL, InvalidParameter, InvalidRequest, PayloadTooLarge
+from service.protocols.v1 import (
+    SUPPORTED_HINT,
+    classify_response,
+    media_type,
+    parse_top_k,
+    unsupported,
+)
 from service.settings import Settings
 
-router = APIRouter(tags=["classify"])
-
-SUPPORTED_HINT = "send multipart/form-data with field `file`, or the image as the raw body"
+router = APIRouter(tags=["classify"], route_class=ProtocolRoute)
 
 
 class Prediction(BaseModel):
@@ -137,57 +143,32 @@ TOP_K_PARAMETER = {
 }
 
 
-def _parse_top_k(raw: str | None) -> int:
-    if raw is None:
-        return 5
-    try:
-        k = int(raw)
-    except ValueError:
-        k = 0
-    if k < 1:
-        raise APIError(
-            422, "invalid_parameter", f"query.top_k: must be an integer >= 1, got {raw!r}"
-        )
-    return k
-
-
-def _media_type(value: str | None) -> str:
-    return (value or "").split(";", 1)[0].strip().lower()
-
-
-def _unsupported(media: str) -> APIError:
-    shown = media or "(none)"
-    return APIError(
-        415,
-        "unsupported_media_type",
-        f"content type {shown} is not supported; {SUPPORTED_HINT}",
-    )
-
-
 async def _read_multipart(request: Request, settings: Settings) -> tuple[list[bytes], list[str]]:
     blobs: list[bytes] = []
     names: list[str] = []
     limit = settings.max_images_per_request
     try:
         form = await request.form(max_files=limit, max_fields=16)
-    except APIError:
-        raise  # the body limit, raised while the form streamed in
     except StarletteHTTPException as exc:
         # Starlette reports every multipart problem as a 400 with a message; the file cap is
         # the one that deserves its own status and code.
         if "Too many files" in str(exc.detail):
-            raise APIError(413, "too_many_images", f"at most {limit} images per request") from exc
-        raise APIError(400, "invalid_multipart", f"malformed multipart body: {exc.detail}") from exc
+            raise PayloadTooLarge(
+                f"at most {limit} images per request", code="too_many_images"
+            ) from exc
+        raise InvalidRequest(
+            f"malformed multipart body: {exc.detail}", code="invalid_multipart"
+        ) from exc
     try:
         parts = form.getlist("file")
         if not parts:
-            raise APIError(422, "missing_file", "the multipart body has no `file` field")
+            raise InvalidParameter("the multipart body has no `file` field", code="missing_file")
         for part in parts:
             if not isinstance(part, UploadFile):
-                raise APIError(422, "invalid_parameter", "`file` must be a file upload")
-            media = _media_type(part.content_type)
+                raise InvalidParameter("`file` must be a file upload")
+            media = media_type(part.content_type)
             if media not in ("", "application/octet-stream") and not is_supported_image_type(media):
-                raise _unsupported(media)
+                raise unsupported(media)
             blobs.append(await part.read())
             names.append(part.filename or "")
     finally:
@@ -212,32 +193,16 @@ async def _read_multipart(request: Request, settings: Settings) -> tuple[list[by
 async def classify(request: Request) -> Response:
     # No Depends() and no declared query model here: FastAPI's dependency solving costs about a
     # sixth of this route's Python time, and this is the route that sees the traffic.
-    state = request.app.state
-    runtime, batcher, settings = require_ready(state)
-    top_k = _parse_top_k(request.query_params.get("top_k"))
-    media = _media_type(request.headers.get("content-type"))
+    classifier, settings = require_ready(request.app.state)
+    top_k = parse_top_k(request.query_params.get("top_k"))
+    media = media_type(request.headers.get("content-type"))
     if media == "multipart/form-data":
         blobs, names = await _read_multipart(request, settings)
     elif media.startswith("image/") and is_supported_image_type(media):
         blobs, names = [await request.body()], []
     else:
-        raise _unsupported(media)
-
-    spec = runtime.spec
-    batch = await preprocess_images_async(
-        blobs,
-        spec,
-        max_pixels=settings.max_pixels,
-        inline_max_pixels=settings.inline_decode_max_pixels,
-        names=names,
+        raise unsupported(media)
+    probs = await classifier.classify_images(blobs, names, RequestContext(protocol="v1"))
+    return Response(
+        classify_response(classifier.spec, probs, names, top_k), media_type="application/json"
     )
-    probs = await infer_probabilities(batcher, batch)
-    results = [
-        {
-            "filename": names[i] if names else None,
-            "predictions": take_top_k(p, top_k, spec.labels),
-        }
-        for i, p in enumerate(probs)
-    ]
-    body = {"model": {"name": spec.name, "version": spec.version}, "results": results}
-    return Response(orjson.dumps(body), media_type="application/json")

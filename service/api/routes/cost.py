@@ -13,8 +13,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Header, Query, Response
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import NOT_READY_DETAIL, RuntimeDep
-from service.cost import (
+from sepconv.cost import (
     DEFAULT_PROFILE_RUNS,
     MAX_PROFILE_RUNS,
     CostError,
@@ -22,7 +21,9 @@ from service.cost import (
     profile_model,
     render,
 )
-from service.errors import APIError, error_example
+from service.api.deps import ClassifierDep
+from service.api.errors import error_example
+from service.errors import NOT_READY_DETAIL, InvalidRequest, NotAcceptable, Overloaded, ServiceError
 
 router = APIRouter(tags=["model"])
 
@@ -44,8 +45,8 @@ def negotiate(fmt: str | None, accept: str | None) -> Format:
     """``format`` wins; otherwise the Accept entry with the highest q we can serve; JSON default."""
     if fmt is not None:
         if fmt not in _MEDIA:
-            raise APIError(
-                400, "invalid_format", f"format must be json, markdown or text, got {fmt!r}"
+            raise InvalidRequest(
+                f"format must be json, markdown or text, got {fmt!r}", code="invalid_format"
             )
         return fmt  # type: ignore[return-value]
     if not accept:
@@ -64,11 +65,9 @@ def negotiate(fmt: str | None, accept: str | None) -> Format:
         if media.lower() in _BY_MEDIA and q > 0:
             ranked.append((-q, position, _BY_MEDIA[media.lower()]))
     if not ranked:
-        raise APIError(
-            406,
-            "not_acceptable",
+        raise NotAcceptable(
             f"cannot answer Accept: {accept}; this endpoint serves application/json, "
-            "text/markdown and text/plain",
+            "text/markdown and text/plain"
         )
     return min(ranked)[2]
 
@@ -91,7 +90,7 @@ def negotiate(fmt: str | None, accept: str | None) -> Format:
     },
 )
 async def get_cost(
-    runtime: RuntimeDep,
+    classifier: ClassifierDep,
     format: Annotated[
         str | None, Query(description="json, markdown or text; overrides Accept.")
     ] = None,
@@ -102,17 +101,17 @@ async def get_cost(
     accept: Annotated[str | None, Header()] = None,
 ):
     fmt = negotiate(format, accept)
+    runtime = classifier.runtime
     try:
         report = await run_in_threadpool(runtime.cost_report)
     except CostError as exc:
-        raise APIError(500, "cost_unavailable", f"cannot cost the served model: {exc}") from exc
+        raise ServiceError(f"cannot cost the served model: {exc}", code="cost_unavailable") from exc
     if profile:
         if not _profile_lock.acquire(blocking=False):
-            raise APIError(
-                429,
-                "profile_busy",
+            raise Overloaded(
                 "a profile is already running; retry when it finishes",
-                headers={"Retry-After": "2"},
+                code="profile_busy",
+                retry_after_s=2,
             )
         try:
             measured = await run_in_threadpool(

@@ -8,8 +8,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from service.api.deps import NOT_READY_DETAIL, is_ready
-from service.errors import error_body, error_example
+from service.api.deps import is_ready
+from service.api.errors import error_example, error_response
+from service.errors import NOT_READY_DETAIL, NotReady
 from service.metrics import exposition_registry
 
 router = APIRouter(tags=["operations"])
@@ -44,9 +45,7 @@ async def healthz() -> Status:
 async def readyz(request: Request) -> Response:
     if is_ready(request):
         return JSONResponse({"status": "ready"})
-    return JSONResponse(
-        error_body("not_ready", NOT_READY_DETAIL), status_code=503, headers={"Retry-After": "1"}
-    )
+    return error_response(request, NotReady())
 
 
 @router.get(

@@ -5,9 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from service.api.deps import NOT_READY_DETAIL, RuntimeDep
-from service.errors import error_example
-from service.runtime import ModelRuntime
+from service.api.deps import ClassifierDep
+from service.api.errors import error_example
+from service.engine.runtime import ModelRuntime
+from service.errors import NOT_READY_DETAIL
 
 router = APIRouter(tags=["model"])
 
@@ -85,5 +86,5 @@ def describe(runtime: ModelRuntime) -> ModelInfo:
     response_model=ModelInfo,
     responses=error_example(503, "not_ready", NOT_READY_DETAIL, "Model not loaded yet."),
 )
-async def get_model(runtime: RuntimeDep) -> ModelInfo:
-    return describe(runtime)
+async def get_model(classifier: ClassifierDep) -> ModelInfo:
+    return describe(classifier.runtime)

@@ -1,33 +1,27 @@
 """Open Inference Protocol v2 over HTTP (KServe / Triton), so ``tritonclient`` and other OIP
 clients talk to the same server, model and batcher as ``/v1/classify``.
 
-The handlers read the raw body and answer raw bytes: no pydantic round trip on the hot path. The
-wire format lives in :mod:`service.oip`; here are only I/O, the batcher and the error mapping.
-Errors are ``{"error": "<sentence>"}``, as the protocol specifies.
+The handlers read the raw body, translate it with the codec in :mod:`service.protocols.oip`,
+call the Classifier seam and answer raw bytes: no pydantic round trip on the hot path. Errors are
+raised as service errors; :mod:`service.api.errors` answers them with the protocol's
+``{"error": "<sentence>"}`` body.
 """
 
 from __future__ import annotations
 
-import asyncio
-from importlib.metadata import PackageNotFoundError, version
-
-import numpy as np
 import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from service import oip
-from service.api.deps import NOT_READY_DETAIL, is_ready
-from service.pipeline import preprocess_images_async
-from service.postprocess import softmax
-from service.spec import ModelSpec
+import sepconv
+from sepconv.spec import ModelSpec
+from service.api.deps import is_ready, require_ready
+from service.api.errors import OIPRoute
+from service.engine.context import RequestContext
+from service.errors import NotFound, NotReady, PayloadTooLarge
+from service.protocols import oip
 
-router = APIRouter(tags=["Open Inference Protocol v2"])
-
-try:
-    _SERVER_VERSION = version("sepconv-serve")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    _SERVER_VERSION = "0"
+router = APIRouter(tags=["Open Inference Protocol v2"], route_class=OIPRoute)
 
 
 def _json(body: bytes, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -36,23 +30,15 @@ def _json(body: bytes, status_code: int = 200, headers: dict[str, str] | None = 
     )
 
 
-def _error(status_code: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    if status_code == 503 and headers is None:
-        # Here 503 only ever means "not loaded or warm yet": a retry soon succeeds.
-        headers = {"Retry-After": "1"}
-    return _json(oip.error_body(message), status_code, headers)
-
-
 def _check_model(request: Request, model_name: str, model_version: str | None) -> ModelSpec:
     """The served model's spec if the URL names it; 503 until the model is loaded and warm."""
-    if not is_ready(request):
-        raise oip.OIPError(NOT_READY_DETAIL, 503)
-    spec = request.app.state.runtime.spec
+    classifier, _ = require_ready(request.app.state)
+    spec = classifier.spec
     if model_name != spec.name:
-        raise oip.OIPError(f"unknown model {model_name!r}; this server serves {spec.name!r}", 404)
+        raise NotFound(f"unknown model {model_name!r}; this server serves {spec.name!r}")
     if model_version is not None and model_version != spec.version:
-        raise oip.OIPError(
-            f"model {model_name!r} has no version {model_version!r}; it has {spec.version!r}", 404
+        raise NotFound(
+            f"model {model_name!r} has no version {model_version!r}; it has {spec.version!r}"
         )
     return spec
 
@@ -62,7 +48,7 @@ def _check_model(request: Request, model_name: str, model_version: str | None) -
 
 @router.get("/v2", summary="Server metadata")
 async def server_metadata() -> Response:
-    return _json(orjson.dumps(oip.server_metadata(_SERVER_VERSION)))
+    return _json(orjson.dumps(oip.server_metadata(sepconv.__version__)))
 
 
 @router.get("/v2/health/live", summary="Server liveness")
@@ -74,7 +60,7 @@ async def server_live() -> Response:
 async def server_ready(request: Request) -> Response:
     if is_ready(request):
         return _json(b'{"ready":true}')
-    return _json(b'{"ready":false}', 503, {"Retry-After": "1"})
+    return _json(b'{"ready":false}', 503, NotReady().headers)
 
 
 @router.get("/v2/models/{model_name}", summary="Model metadata")
@@ -82,10 +68,7 @@ async def server_ready(request: Request) -> Response:
 async def model_metadata(
     request: Request, model_name: str, model_version: str | None = None
 ) -> Response:
-    try:
-        spec = _check_model(request, model_name, model_version)
-    except oip.OIPError as exc:
-        return _error(exc.status_code, str(exc))
+    spec = _check_model(request, model_name, model_version)
     return _json(orjson.dumps(oip.model_metadata(spec)))
 
 
@@ -94,10 +77,7 @@ async def model_metadata(
 async def model_ready(
     request: Request, model_name: str, model_version: str | None = None
 ) -> Response:
-    try:
-        _check_model(request, model_name, model_version)
-    except oip.OIPError as exc:
-        return _error(exc.status_code, str(exc))
+    _check_model(request, model_name, model_version)
     return _json(orjson.dumps({"name": model_name, "ready": True}))
 
 
@@ -107,44 +87,31 @@ async def model_ready(
 @router.post("/v2/models/{model_name}/infer", summary="Inference")
 @router.post("/v2/models/{model_name}/versions/{model_version}/infer", summary="Inference")
 async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
-    state = request.app.state
-    settings = state.settings
-    try:
-        spec = _check_model(request, model_name, model_version)
-        # The body-size middleware has already refused anything over max_body_bytes.
-        body = await request.body()
-        body = oip.decompress(
-            body, request.headers.get("content-encoding"), max_bytes=settings.max_body_bytes
+    spec = _check_model(request, model_name, model_version)
+    classifier, settings = require_ready(request.app.state)
+    # The body-size middleware has already refused anything over max_body_bytes.
+    body = oip.decompress(
+        await request.body(),
+        request.headers.get("content-encoding"),
+        max_bytes=settings.max_body_bytes,
+    )
+    req = oip.parse_request(body, request.headers.get(oip.HEADER_LENGTH), spec)
+    if req.batch_size > classifier.max_rows:
+        raise PayloadTooLarge(
+            f"{req.batch_size} rows in one request; the server queues at most "
+            f"{classifier.max_rows} (SEPCONV_MAX_QUEUE_SIZE)"
         )
-        req = oip.parse_request(body, request.headers.get(oip.HEADER_LENGTH), spec)
-        if req.batch_size > settings.max_queue_size:
-            raise oip.OIPError(
-                f"{req.batch_size} rows in one request; the server queues at most "
-                f"{settings.max_queue_size} (SEPCONV_MAX_QUEUE_SIZE)",
-                413,
-            )
-        if req.images is not None:
-            # The same decode and preprocessing as /v1/classify, by the same function.
-            batch = await preprocess_images_async(
-                req.images,
-                spec,
-                max_pixels=settings.max_pixels,
-                inline_max_pixels=settings.inline_decode_max_pixels,
-            )
-            rows = list(batch)
-        else:
-            rows = list(req.tensor)  # row views, no copy
-        logits = await _submit_all(state.batcher, rows)
-    except oip.OIPError as exc:
-        return _error(exc.status_code, str(exc))
-    # Image and batcher errors propagate to the app's handlers (service/errors.py), which give
-    # /v2 paths the OIP body {"error": ...} with the same status codes as /v1.
-
+    ctx = RequestContext(request_id=req.id, protocol="oip-rest")
+    if req.images is not None:
+        # The same decode and preprocessing as /v1/classify, by the same seam.
+        probs = await classifier.classify_images(req.images, ctx=ctx)
+    else:
+        probs = await classifier.classify_tensor(req.tensor, ctx)
     out, header_length = oip.build_response(
         model_name=spec.name,
         model_version=spec.version,
         request=req,
-        probs=softmax(np.stack(logits)),
+        probs=probs,
         labels=spec.labels,
     )
     if header_length is None:
@@ -154,20 +121,3 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
         media_type=oip.BINARY_CONTENT_TYPE,
         headers={oip.HEADER_LENGTH: str(header_length)},
     )
-
-
-async def _submit_all(batcher, rows: list[np.ndarray]) -> list[np.ndarray]:
-    """Submit every row to the shared batcher, so OIP rows batch with ``/v1`` images.
-
-    If one row fails, the others are cancelled: the batcher drops cancelled rows instead of
-    spending model time on an answer nobody will read.
-    """
-    if len(rows) == 1:
-        return [await batcher.submit(rows[0])]
-    tasks = [asyncio.ensure_future(batcher.submit(row)) for row in rows]
-    try:
-        return await asyncio.gather(*tasks)
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        raise

@@ -1,6 +1,6 @@
-"""Request-side glue shared by the HTTP routes: image bytes -> tensors -> batcher -> probabilities.
+"""Encoded images -> the model's input tensor, on the event loop or in a thread.
 
-Preprocessing is :mod:`service.preprocess` and nothing else, so serving sees exactly what training
+Preprocessing is :mod:`sepconv.preprocess` and nothing else, so serving sees exactly what training
 saw. Decoding is CPU work that holds the GIL only partly; a small image decodes in less time than
 a thread hop adds to a request, so only images with many pixels go to a worker thread.
 """
@@ -14,11 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from service.batcher import Batcher
-from service.metrics import PREPROCESS_DURATION
-from service.postprocess import softmax
-from service.preprocess import ImageError, load, normalize, open_image, prepare
-from service.spec import ModelSpec
+from sepconv.preprocess import ImageError, Preprocessing, load, normalize, open_image, prepare
+from service.engine.observer import NULL_OBSERVER, EngineObserver
 
 Image.init()
 #: Declared image types Pillow can decode (plus common aliases); anything else is a 415.
@@ -57,7 +54,11 @@ def _open_all(
 
 
 def _finish(
-    images: Sequence[Image.Image], spec: ModelSpec, names: Sequence[str], opened_s: float
+    images: Sequence[Image.Image],
+    spec: Preprocessing,
+    names: Sequence[str],
+    opened_s: float,
+    observer: EngineObserver,
 ) -> np.ndarray:
     """Opened images -> float32 (N, C, H, W): decompress, resize, normalise, time each."""
     prepared = []
@@ -75,25 +76,31 @@ def _finish(
     batch = normalize(pixels, spec)
     share = (time.perf_counter() - start + opened_s) / len(images)
     for t in timings:
-        PREPROCESS_DURATION.observe(t + share)
+        observer.preprocessed(t + share)
     return batch
 
 
 def preprocess_images(
-    blobs: Sequence[bytes], spec: ModelSpec, *, max_pixels: int, names: Sequence[str] = ()
+    blobs: Sequence[bytes],
+    spec: Preprocessing,
+    *,
+    max_pixels: int,
+    names: Sequence[str] = (),
+    observer: EngineObserver = NULL_OBSERVER,
 ) -> np.ndarray:
     """Encoded images -> float32 (N, C, H, W). Raises ImageError naming the bad image."""
     images, opened_s = _open_all(blobs, max_pixels=max_pixels, names=names)
-    return _finish(images, spec, names, opened_s)
+    return _finish(images, spec, names, opened_s, observer)
 
 
 async def preprocess_images_async(
     blobs: Sequence[bytes],
-    spec: ModelSpec,
+    spec: Preprocessing,
     *,
     max_pixels: int,
     inline_max_pixels: int,
     names: Sequence[str] = (),
+    observer: EngineObserver = NULL_OBSERVER,
 ) -> np.ndarray:
     """:func:`preprocess_images`, decoding in a thread only when the images are large.
 
@@ -102,14 +109,5 @@ async def preprocess_images_async(
     """
     images, opened_s = _open_all(blobs, max_pixels=max_pixels, names=names)
     if sum(img.width * img.height for img in images) <= inline_max_pixels:
-        return _finish(images, spec, names, opened_s)
-    return await asyncio.to_thread(_finish, images, spec, names, opened_s)
-
-
-async def infer_probabilities(batcher: Batcher, batch: np.ndarray) -> np.ndarray:
-    """float32 (N, C, H, W) -> probabilities (N, num_classes), each image through the batcher."""
-    if len(batch) == 1:
-        logits = (await batcher.submit(batch[0]))[None]
-    else:
-        logits = np.stack(await asyncio.gather(*(batcher.submit(x) for x in batch)))
-    return softmax(logits)
+        return _finish(images, spec, names, opened_s, observer)
+    return await asyncio.to_thread(_finish, images, spec, names, opened_s, observer)

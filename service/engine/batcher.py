@@ -26,39 +26,36 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from service.metrics import (
-    BATCH_QUEUE_DEPTH,
-    BATCH_QUEUE_WAIT,
-    BATCH_REJECTED,
-    BATCH_SIZE,
-    IMAGES_CLASSIFIED,
-)
+from service.engine.observer import NULL_OBSERVER, EngineObserver
+from service.errors import DeadlineExceeded, InferenceFailed, InvalidInput, Overloaded, ServiceError
 
 log = logging.getLogger(__name__)
 
 
-class BatcherError(RuntimeError):
-    """Base class of the batcher's errors."""
+#: The batcher's errors are the service's own (framework-free), so every protocol maps them.
+BatcherError = ServiceError
 
 
-class QueueFullError(BatcherError):
+class QueueFullError(Overloaded):
     """The queue is at its bound; the client should retry after ``retry_after_s``."""
 
     def __init__(self, depth: int, retry_after_s: int) -> None:
-        super().__init__(f"the batch queue is full ({depth} images waiting); retry later")
-        self.retry_after_s = retry_after_s
+        super().__init__(
+            f"the batch queue is full ({depth} images waiting); retry later",
+            retry_after_s=retry_after_s,
+        )
 
 
-class RequestTimeoutError(BatcherError):
+class RequestTimeoutError(DeadlineExceeded):
     """The result did not come within the per-request timeout."""
 
 
-class InvalidInputError(BatcherError, ValueError):
+class InvalidInputError(InvalidInput):
     """The item does not have the model's input shape or dtype (refused before it can poison a
     batch shared with other requests)."""
 
 
-class BatchFailedError(BatcherError):
+class BatchFailedError(InferenceFailed):
     """The model run for the batch holding this request failed (a server fault)."""
 
 
@@ -75,6 +72,7 @@ class Batcher:
         timeout_s: float = 10.0,
         item_shape: tuple[int, ...] | None = None,
         lanes: int = 1,
+        observer: EngineObserver = NULL_OBSERVER,
     ) -> None:
         if (
             max_batch_size < 1
@@ -85,6 +83,7 @@ class Batcher:
         ):
             raise ValueError("batcher limits must be positive")
         self.run_batch = run_batch
+        self.observer = observer
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue_size = max_queue_size
@@ -126,7 +125,7 @@ class Batcher:
             _, fut, _ = self._queue.get_nowait()
             if not fut.done():
                 fut.set_exception(BatchFailedError("the server is shutting down"))
-        BATCH_QUEUE_DEPTH.set(0)
+        self.observer.queue_depth(0)
         # Off the event loop: a batch still in ORT finishes first, and the loop keeps serving.
         await asyncio.to_thread(self._executor.shutdown, wait=True)
 
@@ -147,9 +146,9 @@ class Batcher:
         try:
             self._queue.put_nowait((x, fut, time.monotonic()))
         except asyncio.QueueFull:
-            BATCH_REJECTED.labels("queue_full").inc()
+            self.observer.rejected("queue_full")
             raise QueueFullError(self.max_queue_size, self._retry_after()) from None
-        BATCH_QUEUE_DEPTH.set(self._queue.qsize())
+        self.observer.queue_depth(self._queue.qsize())
         # A timer that fails the future is cheaper than asyncio.wait_for (no extra task); a done
         # future is skipped by the worker, and so is one cancelled by a client disconnect.
         timer = loop.call_later(self.timeout_s, self._expire, fut)
@@ -160,7 +159,7 @@ class Batcher:
 
     def _expire(self, fut: asyncio.Future) -> None:
         if not fut.done():
-            BATCH_REJECTED.labels("timeout").inc()
+            self.observer.rejected("timeout")
             fut.set_exception(
                 RequestTimeoutError(
                     f"no result within {self.timeout_s:g} s; the server is overloaded"
@@ -191,7 +190,7 @@ class Batcher:
                     break
                 while len(batch) < self.max_batch_size and not queue.empty():
                     batch.append(queue.get_nowait())
-        BATCH_QUEUE_DEPTH.set(queue.qsize())
+        self.observer.queue_depth(queue.qsize())
         return batch
 
     async def _work(self) -> None:
@@ -209,9 +208,7 @@ class Batcher:
             if not live:
                 self._lane_free.release()
                 continue
-            for _, _, enqueued in live:
-                BATCH_QUEUE_WAIT.observe(now - enqueued)
-            BATCH_SIZE.observe(len(live))
+            self.observer.batch_started(len(live), [now - enqueued for _, _, enqueued in live])
             task = asyncio.get_running_loop().create_task(self._run(live, now))
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
@@ -246,7 +243,7 @@ class Batcher:
         finally:
             self._lane_free.release()
         self._last_batch_s = time.monotonic() - now
-        IMAGES_CLASSIFIED.inc(len(live))
+        self.observer.classified(len(live))
         for i, (_, fut, _) in enumerate(live):
             if not fut.done():  # cancelled while the batch ran
                 fut.set_result(out[i])

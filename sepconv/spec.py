@@ -2,26 +2,28 @@
 
 The build step writes a :class:`ModelSpec` into the ONNX file's ``metadata_props``; the server
 reads it back and never guesses labels or preprocessing. Every value is stored as a string
-(ONNX metadata is ``map<string, string>``); lists are stored as JSON.
+(ONNX metadata is ``map<string, string>``); lists are stored as JSON. This module is the only
+reader and writer of that metadata.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError
+
+from sepconv.preprocess import Preprocessing
+
+if TYPE_CHECKING:
+    import onnx
 
 #: Prefix of every key this project writes, so our keys never collide with an exporter's own.
 KEY_PREFIX = "sepconv."
 SCHEMA_VERSION = "1"
 
-ColorMode = Literal["L", "RGB"]
-#: ``center-crop``: scale the shorter side to ``input_size`` then crop the centre square.
-#: ``stretch``: scale both sides to ``input_size`` (aspect ratio not kept).
-ResizePolicy = Literal["center-crop", "stretch"]
-Resample = Literal["nearest", "bilinear", "bicubic", "lanczos"]
 Precision = Literal["fp32", "int8"]
 
 
@@ -29,22 +31,18 @@ class SpecError(ValueError):
     """The model file lacks, or carries a malformed, piece of the metadata contract."""
 
 
-class ModelSpec(BaseModel):
-    """Everything the server needs to serve a model, and what a user wants to know about it."""
+class ModelSpec(Preprocessing):
+    """Everything the server needs to serve a model, and what a user wants to know about it.
+
+    The preprocessing fields are inherited from :class:`~sepconv.preprocess.Preprocessing`, so
+    a spec can be passed wherever preprocessing parameters are expected.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = "mobilenet_v1"
     version: str = "0"
     labels: list[str] = Field(min_length=1)
-    input_size: int = Field(
-        gt=0, description="Square input side in pixels (resolution multiplier)."
-    )
-    color_mode: ColorMode
-    mean: list[float]
-    std: list[float]
-    resize: ResizePolicy = "center-crop"
-    resample: Resample = "bilinear"
     alpha: float = Field(gt=0, le=1)
     stem_stride: int = Field(2, ge=1, le=2)
     precision: Precision = "fp32"
@@ -58,22 +56,6 @@ class ModelSpec(BaseModel):
     build_date: str = ""
     input_name: str = "input"
     output_name: str = "logits"
-
-    @model_validator(mode="after")
-    def _check_channels(self) -> ModelSpec:
-        channels = self.channels
-        if len(self.mean) != channels or len(self.std) != channels:
-            raise ValueError(
-                f"mean/std need {channels} value(s) for colour mode {self.color_mode}, "
-                f"got {len(self.mean)}/{len(self.std)}"
-            )
-        if any(s <= 0 for s in self.std):
-            raise ValueError("std values must be positive")
-        return self
-
-    @property
-    def channels(self) -> int:
-        return 1 if self.color_mode == "L" else 3
 
     @property
     def num_classes(self) -> int:
@@ -122,6 +104,11 @@ class ModelSpec(BaseModel):
             raise SpecError(f"invalid model metadata: {problems}") from exc
 
 
+def spec_from_proto(proto: onnx.ModelProto) -> ModelSpec:
+    """The spec carried by a loaded ONNX model (:class:`SpecError` when absent or malformed)."""
+    return ModelSpec.from_metadata({p.key: p.value for p in proto.metadata_props})
+
+
 def spec_from_bytes(data: bytes, name: str = "model") -> ModelSpec:
     """The spec of a serialized ONNX model; ``name`` only labels error messages."""
     import onnx
@@ -130,10 +117,41 @@ def spec_from_bytes(data: bytes, name: str = "model") -> ModelSpec:
         proto = onnx.load_from_string(data)
     except Exception as exc:  # onnx raises DecodeError and friends for a corrupt file
         raise SpecError(f"{name} is not a readable ONNX model: {exc}") from exc
-    return ModelSpec.from_metadata({p.key: p.value for p in proto.metadata_props})
+    return spec_from_proto(proto)
 
 
-def read_spec(model_path: str) -> ModelSpec:
+def read_spec(model_path: str | Path) -> ModelSpec:
     """Read the spec from an ONNX file (FileNotFoundError when it is missing)."""
     with open(model_path, "rb") as fh:
-        return spec_from_bytes(fh.read(), model_path)
+        return spec_from_bytes(fh.read(), str(model_path))
+
+
+def embed_spec(proto: onnx.ModelProto, spec: ModelSpec) -> onnx.ModelProto:
+    """Replace the metadata of ``proto`` (in place, and returned) with exactly ``spec``."""
+    del proto.metadata_props[:]
+    for key, value in spec.to_metadata().items():
+        proto.metadata_props.add(key=key, value=value)
+    return proto
+
+
+def save_model(proto: onnx.ModelProto, spec: ModelSpec, path: str | Path) -> Path:
+    """Write ``proto`` to ``path`` with ``spec`` as its metadata, after ONNX's checker passes.
+
+    The build writes every model file through here, once, when all its figures are known.
+    """
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    embed_spec(proto, spec)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    return path
+
+
+def write_spec(path: str | Path, spec: ModelSpec) -> None:
+    """Replace the metadata of an ONNX file on disk with ``spec``."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    onnx.save(embed_spec(proto, spec), str(path))

@@ -1,7 +1,7 @@
 """Open Inference Protocol v2 (KServe / Triton) over HTTP: the wire codec, no web framework.
 
-The router in ``service.api.routes.oip`` does the I/O; everything here is a pure function from
-bytes to arrays and back, so it is unit-tested without a server.
+The router in ``service.api.routes.oip`` does the I/O and calls the Classifier seam; everything
+here is a pure function from bytes to arrays and back, so it is unit-tested without a server.
 
 What is understood:
 
@@ -37,7 +37,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.spec import ModelSpec
+from sepconv.spec import ModelSpec
+from service.engine.postprocess import top_k_indices
+from service.errors import InvalidRequest, ServiceError
 
 SERVER_NAME = "sepconv-serve"
 EXTENSIONS = ("binary_tensor_data", "classification")
@@ -52,12 +54,11 @@ _FP32 = np.dtype("<f4")
 _U32 = struct.Struct("<I")
 
 
-class OIPError(ValueError):
+class OIPError(InvalidRequest):
     """A request the protocol or the model cannot accept; the message is safe to show."""
 
     def __init__(self, message: str, status_code: int = 400) -> None:
-        super().__init__(message)
-        self.status_code = status_code
+        super().__init__(message, status_code=status_code)
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,9 +394,7 @@ def classification_strings(probs: np.ndarray, k: int, labels: list[str]) -> list
 
     ``k`` larger than the number of classes returns every class.
     """
-    k = min(k, probs.shape[-1])
-    # Stable sort on the negated scores keeps ties in index order, so results are deterministic.
-    top = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    top = top_k_indices(probs, k)
     return [f"{probs[r, i]:f}:{i}:{labels[i]}".encode() for r in range(len(probs)) for i in top[r]]
 
 
@@ -450,5 +449,6 @@ def build_response(
     return b"".join([header, *blobs]), len(header)
 
 
-def error_body(message: str) -> bytes:
-    return orjson.dumps({"error": message})
+def error_body(exc: ServiceError) -> bytes:
+    """The protocol's error shape: ``{"error": "<sentence>"}``."""
+    return orjson.dumps({"error": exc.detail})

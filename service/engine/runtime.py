@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.metrics import INFERENCE_DURATION
-from service.spec import ModelSpec, SpecError, spec_from_bytes
+from sepconv.spec import ModelSpec, SpecError, spec_from_bytes
+from service.engine.observer import NULL_OBSERVER, EngineObserver
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,10 @@ class ModelRuntime:
         intra_op_threads: int = 1,
         inter_op_threads: int = 1,
         spinning: bool = False,
+        observer: EngineObserver = NULL_OBSERVER,
     ) -> None:
         self.path = Path(path)
+        self.observer = observer
         if not self.path.is_file():
             raise ModelLoadError(
                 f"model file {self.path} does not exist; build one with "
@@ -141,7 +143,7 @@ class ModelRuntime:
             if self._cost is None:
                 import onnx
 
-                from service.cost import analyze_model
+                from sepconv.cost import analyze_model
 
                 proto = onnx.load_from_string(self.model_bytes)
                 self._cost = analyze_model(proto, path=str(self.path))
@@ -155,7 +157,7 @@ class ModelRuntime:
         """float32 (N, C, H, W) -> logits (N, num_classes). Blocking: call from a worker thread."""
         start = time.perf_counter()
         out = self.session.run(self._output_names, {self.spec.input_name: batch})[0]
-        INFERENCE_DURATION.observe(time.perf_counter() - start)
+        self.observer.inference(time.perf_counter() - start, len(batch))
         return out
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1,), runs: int = 2) -> float:

@@ -2,7 +2,8 @@
 
 Training (``model.data``) and serving both call these functions, so a served image goes through
 exactly the resize, colour conversion and normalisation the network was trained with. The
-parameters come from the model's :class:`service.spec.ModelSpec`.
+parameters are a :class:`Preprocessing`, which :class:`sepconv.spec.ModelSpec` extends: they are
+described here once and travel in the model file's metadata.
 
 Stages, each a function so the service can time them separately:
 ``decode`` (bytes -> upright PIL image; ``open_image`` + ``load``, so the header can be
@@ -17,10 +18,17 @@ import functools
 import io
 import warnings
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ColorMode = Literal["L", "RGB"]
+#: ``center-crop``: scale the shorter side to ``input_size`` then crop the centre square.
+#: ``stretch``: scale both sides to ``input_size`` (aspect ratio not kept).
+ResizePolicy = Literal["center-crop", "stretch"]
+Resample = Literal["nearest", "bilinear", "bicubic", "lanczos"]
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -30,13 +38,51 @@ _RESAMPLE = {
 }
 
 
-class PreprocessSpec(Protocol):
-    input_size: int
-    color_mode: str
+class Preprocessing(BaseModel):
+    """How an image becomes the network's input: the one description, used by both sides."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    input_size: int = Field(
+        gt=0, description="Square input side in pixels (resolution multiplier)."
+    )
+    color_mode: ColorMode
     mean: list[float]
     std: list[float]
-    resize: str
-    resample: str
+    resize: ResizePolicy = "center-crop"
+    resample: Resample = "bilinear"
+
+    @model_validator(mode="after")
+    def _check_channels(self) -> Preprocessing:
+        channels = self.channels
+        if len(self.mean) != channels or len(self.std) != channels:
+            raise ValueError(
+                f"mean/std need {channels} value(s) for colour mode {self.color_mode}, "
+                f"got {len(self.mean)}/{len(self.std)}"
+            )
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be positive")
+        return self
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.color_mode == "L" else 3
+
+    @classmethod
+    def neutral(cls, input_size: int, color_mode: ColorMode, **kwargs) -> Preprocessing:
+        """Mean 0 and std 1 (no standardisation): for resizing before the statistics exist."""
+        channels = 1 if color_mode == "L" else 3
+        return cls(
+            input_size=input_size,
+            color_mode=color_mode,
+            mean=[0.0] * channels,
+            std=[1.0] * channels,
+            **kwargs,
+        )
+
+    def preprocessing(self) -> Preprocessing:
+        """Just the preprocessing fields (a subclass such as ModelSpec carries more)."""
+        return Preprocessing(**{name: getattr(self, name) for name in Preprocessing.model_fields})
 
 
 class ImageError(ValueError):
@@ -124,7 +170,7 @@ def _to_mode(img: Image.Image, color_mode: str) -> Image.Image:
     return img if img.mode == color_mode else img.convert(color_mode)
 
 
-def prepare(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+def prepare(img: Image.Image, spec: Preprocessing) -> np.ndarray:
     """Colour-convert and resize to the model's input: uint8 array of shape (H, W, C)."""
     img = _to_mode(img, spec.color_mode)
     size = (spec.input_size, spec.input_size)
@@ -153,7 +199,7 @@ def _lookup_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray
     return np.ascontiguousarray(table.T)
 
 
-def normalize(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+def normalize(pixels: np.ndarray, spec: Preprocessing) -> np.ndarray:
     """uint8 (..., H, W, C) -> float32 (..., C, H, W), scaled to [0, 1] then standardised."""
     if pixels.dtype != np.uint8:
         mean = np.asarray(spec.mean, dtype=np.float32)
@@ -169,6 +215,6 @@ def normalize(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return out
 
 
-def preprocess_bytes(data: bytes, spec: PreprocessSpec, *, max_pixels: int) -> np.ndarray:
+def preprocess_bytes(data: bytes, spec: Preprocessing, *, max_pixels: int) -> np.ndarray:
     """All three stages for one image: bytes -> float32 (C, H, W)."""
     return normalize(prepare(decode(data, max_pixels=max_pixels), spec), spec)

@@ -1,7 +1,9 @@
-"""Builds the FastAPI app: lifespan (load, warm up, batcher), middleware, error handlers, routers.
+"""Builds the FastAPI app: lifespan (load, warm up, batcher, classifier), middleware, error
+handlers, routers.
 
 To add endpoints, write ``service/api/routes/<name>.py`` exposing ``router = APIRouter()`` and
-add one import to ``ROUTERS`` below.
+add one import to ``ROUTERS`` below. Handlers reach the model only through
+``app.state.classifier`` (:class:`~service.engine.classifier.Classifier`).
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api.middleware import BodySizeLimitMiddleware
+import sepconv
+from service.api.errors import install_error_handlers
+from service.api.middleware import BodySizeLimitMiddleware, MetricsMiddleware
 from service.api.routes import classify, cost, health, models, oip
-from service.batcher import Batcher
-from service.errors import install_error_handlers
-from service.metrics import MetricsMiddleware, mark_process_dead, set_model_info
-from service.runtime import ModelRuntime
+from service.engine.batcher import Batcher
+from service.engine.classifier import Classifier
+from service.engine.observer import EngineObserver
+from service.engine.runtime import ModelRuntime
+from service.metrics import PrometheusObserver, mark_process_dead, set_model_info
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -42,13 +47,14 @@ Labels and preprocessing come from the model file's own metadata. Errors are JSO
 """
 
 
-def load_runtime(settings: Settings) -> ModelRuntime:
+def load_runtime(settings: Settings, observer: EngineObserver | None = None) -> ModelRuntime:
     return ModelRuntime(
         settings.model_path,
         provider=settings.provider,
         intra_op_threads=settings.resolved_intra_op_threads,
         inter_op_threads=settings.inter_op_threads,
         spinning=settings.ort_spinning,
+        **({"observer": observer} if observer is not None else {}),
     )
 
 
@@ -59,7 +65,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     start = time.perf_counter()
     # Blocking on purpose: nothing is served before the model loads, and a failure here must
     # stop start-up (uvicorn exits non-zero) rather than leave a server that can never be ready.
-    runtime = load_runtime(settings)
+    observer = PrometheusObserver()
+    runtime = load_runtime(settings, observer)
     warm = runtime.warm_up((1, settings.max_batch_size), runs=settings.warmup_runs)
     batcher = Batcher(
         runtime.run,
@@ -69,10 +76,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         timeout_s=settings.request_timeout_s,
         item_shape=runtime.input_shape,
         lanes=settings.lanes,
+        observer=observer,
     )
     batcher.start()
-    app.state.runtime = runtime
-    app.state.batcher = batcher
+    app.state.classifier = Classifier(
+        runtime,
+        batcher,
+        max_pixels=settings.max_pixels,
+        inline_decode_max_pixels=settings.inline_decode_max_pixels,
+        observer=observer,
+    )
     set_model_info(
         runtime.spec.name, runtime.spec.version, runtime.providers[0], runtime.spec.precision
     )
@@ -105,7 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     app = FastAPI(
         title="sepconv-serve",
-        version="0.1.0",
+        version=sepconv.__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
     )
