@@ -118,7 +118,7 @@ class PrometheusObserver(EngineObserver):
             child = self._rejected[reason] = BATCH_REJECTED.labels(reason)
         child.inc()
 
-    def batch_started(self, size: int, queue_waits: list[float]) -> None:
+    def batch_started(self, size: int, queue_waits, contexts) -> None:
         for wait in queue_waits:
             BATCH_QUEUE_WAIT.observe(wait)
         BATCH_SIZE.observe(size)

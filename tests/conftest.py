@@ -91,5 +91,5 @@ class FailingBatcher:
     def __init__(self, exc: Exception) -> None:
         self.exc = exc
 
-    async def submit(self, x):
+    async def submit(self, x, ctx=None):
         raise self.exc

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from service.engine.context import RequestContext
 from service.engine.observer import NULL_OBSERVER, EngineObserver
 from service.errors import DeadlineExceeded, InferenceFailed, InvalidInput, Overloaded, ServiceError
 
@@ -59,6 +60,10 @@ class BatchFailedError(InferenceFailed):
     """The model run for the batch holding this request failed (a server fault)."""
 
 
+#: (input, the caller's future, monotonic arrival time, the request's context or None)
+_Item = tuple[np.ndarray, asyncio.Future, float, RequestContext | None]
+
+
 class Batcher:
     """``await submit(x)`` with ``x`` float32 (C, H, W) returns that image's logits."""
 
@@ -89,9 +94,7 @@ class Batcher:
         self.max_queue_size = max_queue_size
         self.timeout_s = timeout_s
         self.item_shape = tuple(item_shape) if item_shape is not None else None
-        self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future, float]] = asyncio.Queue(
-            maxsize=max_queue_size
-        )
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=max_queue_size)
         # ``lanes`` batches may run at once, each in its own thread (an ORT session may be run
         # from several threads). One lane with multi-threaded ORT gives the lowest latency for
         # a lone request; several single-threaded lanes waste no time in ORT's intra-op
@@ -122,7 +125,7 @@ class Batcher:
         if self._in_flight:
             await asyncio.gather(*self._in_flight, return_exceptions=True)
         while not self._queue.empty():
-            _, fut, _ = self._queue.get_nowait()
+            _, fut, _, _ = self._queue.get_nowait()
             if not fut.done():
                 fut.set_exception(BatchFailedError("the server is shutting down"))
         self.observer.queue_depth(0)
@@ -134,7 +137,12 @@ class Batcher:
         return self._queue.qsize()
 
     # --- caller side
-    async def submit(self, x: np.ndarray) -> np.ndarray:
+    async def submit(self, x: np.ndarray, ctx: RequestContext | None = None) -> np.ndarray:
+        """Queue one image and await its logits.
+
+        The answer is given up (504) at the request timeout or at ``ctx.deadline``, whichever
+        comes first; an item whose caller has given up is never run.
+        """
         if self._worker is None or self._worker.done():
             raise BatchFailedError("the batch worker is not running")
         if x.dtype != np.float32 or (self.item_shape is not None and x.shape != self.item_shape):
@@ -142,28 +150,33 @@ class Batcher:
                 f"input must be float32 {self.item_shape}, got {x.dtype} {tuple(x.shape)}"
             )
         loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        wait_s = self.timeout_s
+        if ctx is not None and ctx.deadline is not None:
+            wait_s = min(wait_s, ctx.deadline - now)
+            if wait_s <= 0:
+                self.observer.rejected("deadline")
+                raise RequestTimeoutError("the request's deadline passed before it was queued")
         fut: asyncio.Future = loop.create_future()
         try:
-            self._queue.put_nowait((x, fut, time.monotonic()))
+            self._queue.put_nowait((x, fut, now, ctx))
         except asyncio.QueueFull:
             self.observer.rejected("queue_full")
             raise QueueFullError(self.max_queue_size, self._retry_after()) from None
         self.observer.queue_depth(self._queue.qsize())
         # A timer that fails the future is cheaper than asyncio.wait_for (no extra task); a done
         # future is skipped by the worker, and so is one cancelled by a client disconnect.
-        timer = loop.call_later(self.timeout_s, self._expire, fut)
+        timer = loop.call_later(wait_s, self._expire, fut, wait_s)
         try:
             return await fut
         finally:
             timer.cancel()
 
-    def _expire(self, fut: asyncio.Future) -> None:
+    def _expire(self, fut: asyncio.Future, wait_s: float) -> None:
         if not fut.done():
             self.observer.rejected("timeout")
             fut.set_exception(
-                RequestTimeoutError(
-                    f"no result within {self.timeout_s:g} s; the server is overloaded"
-                )
+                RequestTimeoutError(f"no result within {wait_s:g} s; the server is overloaded")
             )
 
     def _retry_after(self) -> int:
@@ -172,7 +185,7 @@ class Batcher:
         return max(1, math.ceil(batches * self._last_batch_s))
 
     # --- worker side
-    async def _collect(self) -> list[tuple[np.ndarray, asyncio.Future, float]]:
+    async def _collect(self) -> list[_Item]:
         queue = self._queue
         batch = [await queue.get()]
         while len(batch) < self.max_batch_size and not queue.empty():
@@ -208,12 +221,14 @@ class Batcher:
             if not live:
                 self._lane_free.release()
                 continue
-            self.observer.batch_started(len(live), [now - enqueued for _, _, enqueued in live])
+            self.observer.batch_started(
+                len(live), [now - item[2] for item in live], [item[3] for item in live]
+            )
             task = asyncio.get_running_loop().create_task(self._run(live, now))
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
 
-    async def _run(self, live: list[tuple[np.ndarray, asyncio.Future, float]], now: float) -> None:
+    async def _run(self, live: list[_Item], now: float) -> None:
         loop = asyncio.get_running_loop()
         try:
             x = np.stack([item[0] for item in live]) if len(live) > 1 else live[0][0][None]
@@ -223,7 +238,7 @@ class Batcher:
                     f"the model returned {len(out)} results for a batch of {len(live)}"
                 )
         except asyncio.CancelledError:
-            for _, fut, _ in live:
+            for _, fut, _, _ in live:
                 if not fut.done():
                     fut.set_exception(BatchFailedError("the server is shutting down"))
             raise
@@ -236,7 +251,7 @@ class Batcher:
                     f"inference failed for a batch of {len(live)}: {type(exc).__name__}: {exc}"
                 )
             )
-            for _, fut, _ in live:
+            for _, fut, _, _ in live:
                 if not fut.done():
                     fut.set_exception(err)
             return
@@ -244,6 +259,6 @@ class Batcher:
             self._lane_free.release()
         self._last_batch_s = time.monotonic() - now
         self.observer.classified(len(live))
-        for i, (_, fut, _) in enumerate(live):
+        for i, (_, fut, _, _) in enumerate(live):
             if not fut.done():  # cancelled while the batch ran
                 fut.set_result(out[i])

@@ -87,8 +87,8 @@ class Classifier:
         """Every row to the shared batcher; if one fails, the others are cancelled: the batcher
         drops cancelled rows instead of spending model time on an answer nobody will read."""
         if len(batch) == 1:
-            return [await self.batcher.submit(batch[0])]
-        tasks = [asyncio.ensure_future(self.batcher.submit(row)) for row in batch]
+            return [await self.batcher.submit(batch[0], ctx)]
+        tasks = [asyncio.ensure_future(self.batcher.submit(row, ctx)) for row in batch]
         try:
             return await asyncio.gather(*tasks)
         except BaseException:

@@ -7,6 +7,10 @@ Hooks run on the event loop or an inference thread and must be cheap and never r
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from service.engine.context import RequestContext
+
 
 class EngineObserver:
     def preprocessed(self, seconds: float) -> None:
@@ -18,8 +22,14 @@ class EngineObserver:
     def rejected(self, reason: str) -> None:
         """One image was refused or given up on (``queue_full``, ``timeout``, ...)."""
 
-    def batch_started(self, size: int, queue_waits: list[float]) -> None:
-        """A batch of ``size`` images left the queue; each waited ``queue_waits[i]`` seconds."""
+    def batch_started(
+        self,
+        size: int,
+        queue_waits: Sequence[float],
+        contexts: Sequence[RequestContext | None],
+    ) -> None:
+        """A batch of ``size`` images left the queue; image ``i`` waited ``queue_waits[i]``
+        seconds and belongs to the request ``contexts[i]`` (None when submitted without one)."""
 
     def inference(self, seconds: float, batch_size: int) -> None:
         """One ONNX Runtime run over ``batch_size`` images took ``seconds``."""
