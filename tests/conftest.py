@@ -93,3 +93,6 @@ class FailingBatcher:
 
     async def submit(self, x, ctx=None):
         raise self.exc
+
+    def enqueue(self, x, ctx=None):
+        raise self.exc

@@ -78,12 +78,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         lanes=settings.lanes,
         observer=observer,
     )
+    # Admission control predicts waits from the measured time per image; until requests have
+    # been measured, a full batch timed now stands in.
+    batcher.record_batch(settings.max_batch_size, runtime.time_batch(settings.max_batch_size))
     batcher.start()
     app.state.classifier = Classifier(
         runtime,
         batcher,
         max_pixels=settings.max_pixels,
         inline_decode_max_pixels=settings.inline_decode_max_pixels,
+        max_queue_delay_s=settings.max_queue_delay_ms / 1000,
         observer=observer,
     )
     set_model_info(

@@ -11,7 +11,9 @@ Two choices differ from Ray Serve:
   ``max_wait``. Under load the queue fills while the previous batch runs, so batches form
   without waiting anyway.
 - The queue is bounded and a full queue answers at once (429 + Retry-After) instead of letting
-  latency grow without limit (BentoML sheds load the same way).
+  latency grow without limit (BentoML sheds load the same way). The batcher also measures its
+  drain rate (images per second, from recent batches), which admission control
+  (:mod:`service.engine.admission`) turns into a predicted wait before a request is decoded.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from service.engine.observer import NULL_OBSERVER, EngineObserver
 from service.errors import DeadlineExceeded, InferenceFailed, InvalidInput, Overloaded, ServiceError
 
 log = logging.getLogger(__name__)
+
+#: Weight of the newest batch in the per-image service time estimate.
+EWMA_WEIGHT = 0.2
 
 
 #: The batcher's errors are the service's own (framework-free), so every protocol maps them.
@@ -104,7 +109,10 @@ class Batcher:
         self._in_flight: set[asyncio.Task] = set()
         self._executor = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="sepconv-infer")
         self._worker: asyncio.Task | None = None
-        self._last_batch_s = 0.0  # recent batch duration, for Retry-After
+        self._running = 0  # images in batches that are running now
+        #: Recent seconds of model time per image in one lane (an EWMA over batches); None until
+        #: measured or seeded from the warm-up.
+        self.image_seconds: float | None = None
 
     # --- lifecycle
     def start(self) -> None:
@@ -136,12 +144,42 @@ class Batcher:
     def depth(self) -> int:
         return self._queue.qsize()
 
+    @property
+    def backlog(self) -> int:
+        """Images queued or running: the work ahead of a new arrival."""
+        return self._queue.qsize() + self._running
+
+    def record_batch(self, size: int, seconds: float) -> None:
+        """Fold one batch's model time into the per-image estimate (also used to seed it)."""
+        per_image = seconds / size
+        if self.image_seconds is None:
+            self.image_seconds = per_image
+        else:
+            # A short memory: the drain rate must follow load changes within a few batches.
+            self.image_seconds += EWMA_WEIGHT * (per_image - self.image_seconds)
+
+    def seconds_to_drain(self, extra: int = 0) -> float:
+        """Predicted seconds until ``backlog + extra`` images are through the model."""
+        if self.image_seconds is None:
+            return 0.0
+        return (self.backlog + extra) * self.image_seconds / self.lanes
+
+    def retry_after(self, extra: int = 0) -> int:
+        """Whole seconds until the backlog has likely drained (at least 1: HTTP wants an
+        integer, and 0 would invite an immediate retry storm)."""
+        return max(1, math.ceil(self.seconds_to_drain(extra)))
+
     # --- caller side
     async def submit(self, x: np.ndarray, ctx: RequestContext | None = None) -> np.ndarray:
-        """Queue one image and await its logits.
+        """Queue one image and await its logits (:meth:`enqueue`, then wait)."""
+        return await self.enqueue(x, ctx)
+
+    def enqueue(self, x: np.ndarray, ctx: RequestContext | None = None) -> asyncio.Future:
+        """Queue one image now (no await: the caller knows it is queued when this returns) and
+        give the future of its logits.
 
         The answer is given up (504) at the request timeout or at ``ctx.deadline``, whichever
-        comes first; an item whose caller has given up is never run.
+        comes first; an item whose caller has given up, or cancelled the future, is never run.
         """
         if self._worker is None or self._worker.done():
             raise BatchFailedError("the batch worker is not running")
@@ -162,15 +200,13 @@ class Batcher:
             self._queue.put_nowait((x, fut, now, ctx))
         except asyncio.QueueFull:
             self.observer.rejected("queue_full")
-            raise QueueFullError(self.max_queue_size, self._retry_after()) from None
+            raise QueueFullError(self.max_queue_size, self.retry_after()) from None
         self.observer.queue_depth(self._queue.qsize())
         # A timer that fails the future is cheaper than asyncio.wait_for (no extra task); a done
         # future is skipped by the worker, and so is one cancelled by a client disconnect.
         timer = loop.call_later(wait_s, self._expire, fut, wait_s)
-        try:
-            return await fut
-        finally:
-            timer.cancel()
+        fut.add_done_callback(lambda _: timer.cancel())
+        return fut
 
     def _expire(self, fut: asyncio.Future, wait_s: float) -> None:
         if not fut.done():
@@ -178,11 +214,6 @@ class Batcher:
             fut.set_exception(
                 RequestTimeoutError(f"no result within {wait_s:g} s; the server is overloaded")
             )
-
-    def _retry_after(self) -> int:
-        """Seconds until the queue has likely drained (at least 1, HTTP wants an integer)."""
-        batches = math.ceil(self._queue.qsize() / self.max_batch_size)
-        return max(1, math.ceil(batches * self._last_batch_s))
 
     # --- worker side
     async def _collect(self) -> list[_Item]:
@@ -224,15 +255,21 @@ class Batcher:
             self.observer.batch_started(
                 len(live), [now - item[2] for item in live], [item[3] for item in live]
             )
-            task = asyncio.get_running_loop().create_task(self._run(live, now))
+            task = asyncio.get_running_loop().create_task(self._run(live))
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
 
-    async def _run(self, live: list[_Item], now: float) -> None:
+    def _timed_run(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+        start = time.perf_counter()
+        out = self.run_batch(x)
+        return out, time.perf_counter() - start
+
+    async def _run(self, live: list[_Item]) -> None:
         loop = asyncio.get_running_loop()
+        self._running += len(live)
         try:
             x = np.stack([item[0] for item in live]) if len(live) > 1 else live[0][0][None]
-            out = await loop.run_in_executor(self._executor, self.run_batch, x)
+            out, seconds = await loop.run_in_executor(self._executor, self._timed_run, x)
             if len(out) != len(live):
                 raise BatchFailedError(
                     f"the model returned {len(out)} results for a batch of {len(live)}"
@@ -256,8 +293,9 @@ class Batcher:
                     fut.set_exception(err)
             return
         finally:
+            self._running -= len(live)
             self._lane_free.release()
-        self._last_batch_s = time.monotonic() - now
+        self.record_batch(len(live), seconds)
         self.observer.classified(len(live))
         for i, (_, fut, _, _) in enumerate(live):
             if not fut.done():  # cancelled while the batch ran

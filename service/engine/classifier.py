@@ -1,9 +1,10 @@
 """The one inference seam: every protocol (``/v1``, OIP REST, gRPC) classifies through here.
 
 Encoded images or preprocessed tensors go in; probabilities come out, and top-k from them. The
-rules that must not differ between protocols live here once: the same decoding, every image
-through the shared batcher (so requests of all protocols batch together), cancel the rest of a
-request when one of its images fails, softmax, and image errors turned into service errors.
+rules that must not differ between protocols live here once: admission before any decoding, the
+same decoding, every image through the shared batcher (so requests of all protocols batch
+together), cancel the rest of a request when one of its images fails, softmax, and image errors
+turned into service errors.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 from sepconv.preprocess import ImageError, ImageTooLargeError
 from sepconv.spec import ModelSpec
 from service.engine import decode
+from service.engine.admission import Admission
 from service.engine.batcher import Batcher
 from service.engine.context import RequestContext
 from service.engine.observer import NULL_OBSERVER, EngineObserver
@@ -34,10 +36,12 @@ class Classifier:
         *,
         max_pixels: int,
         inline_decode_max_pixels: int,
+        max_queue_delay_s: float = 0.1,
         observer: EngineObserver = NULL_OBSERVER,
     ) -> None:
         self.runtime = runtime
         self.batcher = batcher
+        self.admission = Admission(batcher, max_delay_s=max_queue_delay_s, observer=observer)
         self.max_pixels = max_pixels
         self.inline_decode_max_pixels = inline_decode_max_pixels
         self.observer = observer
@@ -50,6 +54,11 @@ class Classifier:
     def max_rows(self) -> int:
         """Most images one request may hold: more could never be queued at once."""
         return self.batcher.max_queue_size
+
+    def admit(self, images: int = 1) -> None:
+        """Refuse now (:class:`~service.errors.Overloaded`) what could not be served within the
+        latency budget: routes call this before they read a body."""
+        self.admission.check(images)
 
     async def preprocess(self, blobs: Sequence[bytes], names: Sequence[str] = ()) -> np.ndarray:
         """Encoded images -> float32 (N, C, H, W), exactly as in training."""
@@ -73,27 +82,36 @@ class Classifier:
         names: Sequence[str] = (),
         ctx: RequestContext | None = None,
     ) -> np.ndarray:
-        """Encoded images -> probabilities (N, num_classes), in request order."""
-        batch = await self.preprocess(blobs, names)
-        return await self.classify_tensor(batch, ctx)
+        """Encoded images -> probabilities (N, num_classes), in request order.
+
+        Admitted (or refused) before any pixel is decoded; while decoding, the images count as
+        queued work for the admission of others.
+        """
+        with self.admission.reserve(len(blobs)):
+            batch = await self.preprocess(blobs, names)
+        # No await between the reservation's end and the enqueueing: never counted twice.
+        return softmax(np.stack(await self._submit_all(batch, ctx)))
 
     async def classify_tensor(
         self, batch: np.ndarray, ctx: RequestContext | None = None
     ) -> np.ndarray:
         """float32 (N, C, H, W) -> probabilities (N, num_classes), each row through the batcher."""
+        self.admission.check(len(batch))
         return softmax(np.stack(await self._submit_all(batch, ctx)))
 
     async def _submit_all(self, batch: np.ndarray, ctx: RequestContext | None) -> list[np.ndarray]:
         """Every row to the shared batcher; if one fails, the others are cancelled: the batcher
         drops cancelled rows instead of spending model time on an answer nobody will read."""
-        if len(batch) == 1:
-            return [await self.batcher.submit(batch[0], ctx)]
-        tasks = [asyncio.ensure_future(self.batcher.submit(row, ctx)) for row in batch]
+        futures: list[asyncio.Future] = []
         try:
-            return await asyncio.gather(*tasks)
+            for row in batch:
+                futures.append(self.batcher.enqueue(row, ctx))
+            if len(futures) == 1:
+                return [await futures[0]]
+            return await asyncio.gather(*futures)
         except BaseException:
-            for task in tasks:
-                task.cancel()
+            for fut in futures:
+                fut.cancel()
             raise
 
     def top_k(self, probs: np.ndarray, k: int) -> np.ndarray:

@@ -1,0 +1,180 @@
+"""Admission control: refusals come before any decoding, expired work never reaches the model,
+and Retry-After follows the measured drain rate."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.api.app import create_app
+from service.engine import decode
+from service.engine.admission import Admission
+from service.engine.batcher import Batcher, RequestTimeoutError
+from service.engine.context import RequestContext
+from service.errors import Overloaded
+from service.settings import Settings
+
+from .conftest import png_bytes
+
+PNG = {"content-type": "image/png"}
+
+
+class GatedModel:
+    """Blocks in the model until released; records every row it was given."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.seen: list[float] = []
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.gate.wait(5)
+        self.seen.extend(float(v) for v in x[:, 0, 0, 0])
+        return x.reshape(len(x), -1)[:, :2]
+
+
+def _row(value: float) -> np.ndarray:
+    return np.full((1, 2, 2), value, np.float32)
+
+
+def test_predicted_wait_and_retry_after_follow_the_drain_rate():
+    batcher = Batcher(lambda x: x, max_queue_size=64, lanes=2)
+    admission = Admission(batcher, max_delay_s=0.05)
+    assert admission.predicted_wait() == 0.0  # nothing measured: never refuse blind
+    batcher.record_batch(10, 0.1)  # 10 ms per image in one lane
+    admission.reserved = 30  # 30 images being decoded
+    # 30 images ahead x 10 ms / 2 lanes = 150 ms > the 50 ms budget
+    assert admission.predicted_wait() == pytest.approx(0.15)
+    with pytest.raises(Overloaded, match="150 ms of work") as info:
+        admission.check()
+    assert info.value.status_code == 429 and info.value.retry_after_s == 1
+    admission.reserved = 500
+    with pytest.raises(Overloaded) as info:
+        admission.check()
+    assert info.value.code == "overloaded"
+    # The queue bound comes first: 500 + 1 > 64.
+    assert "queue is full" in info.value.detail
+    batcher.max_queue_size = 10_000
+    with pytest.raises(Overloaded) as info:
+        admission.check()
+    # 500 x 10 ms / 2 lanes = 2.5 s -> 3 s
+    assert info.value.retry_after_s == 3
+    admission.reserved = 4  # 20 ms ahead: admitted
+    admission.check()
+
+
+def test_the_estimate_follows_recent_batches():
+    batcher = Batcher(lambda x: x)
+    batcher.record_batch(32, 0.32)
+    assert batcher.image_seconds == pytest.approx(0.01)
+    for _ in range(30):
+        batcher.record_batch(8, 0.16)  # the model got slower: 20 ms per image
+    assert batcher.image_seconds == pytest.approx(0.02, rel=0.01)
+
+
+def test_reservations_count_until_released():
+    batcher = Batcher(lambda x: x)
+    admission = Admission(batcher, max_delay_s=1.0)
+    with admission.reserve(3):
+        assert admission.reserved == 3
+        with pytest.raises(RuntimeError), admission.reserve(2):
+            assert admission.reserved == 5
+            raise RuntimeError("decode failed")
+        assert admission.reserved == 3
+    assert admission.reserved == 0
+
+
+def test_expired_requests_never_reach_the_model():
+    model = GatedModel()
+
+    async def body():
+        batcher = Batcher(model, max_batch_size=4, max_queue_size=16)
+        batcher.start()
+        try:
+            running = asyncio.ensure_future(batcher.submit(_row(1)))
+            await asyncio.sleep(0.05)  # the worker holds row 1 inside the gated model
+            loop_now = asyncio.get_running_loop().time()
+            short = RequestContext(deadline=loop_now + 0.05)
+            expiring = [asyncio.ensure_future(batcher.submit(_row(v), short)) for v in (2, 3)]
+            patient = asyncio.ensure_future(batcher.submit(_row(4)))
+            results = await asyncio.gather(*expiring, return_exceptions=True)
+            model.gate.set()
+            return results, await running, await patient
+        finally:
+            await batcher.stop()
+
+    expired, first, last = asyncio.run(body())
+    assert all(isinstance(r, RequestTimeoutError) for r in expired)
+    assert first[0] == 1 and last[0] == 4
+    assert model.seen == [1.0, 4.0], "expired rows 2 and 3 must never be run"
+
+
+@pytest.fixture
+def client(tiny_model_path):
+    settings = Settings(model_path=tiny_model_path, warmup_runs=0, max_queue_delay_ms=50)
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def _overload(client, images_being_decoded: int) -> None:
+    classifier = client.app.state.classifier
+    classifier.batcher.image_seconds = 0.01
+    classifier.admission.reserved = images_being_decoded
+
+
+def test_refused_before_any_decoding(client, monkeypatch, make_png):
+    calls = []
+    real = decode.preprocess_images_async
+
+    async def spy(*args, **kwargs):
+        calls.append(1)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(decode, "preprocess_images_async", spy)
+    assert client.post("/v1/classify", content=make_png(1), headers=PNG).status_code == 200
+    assert calls == [1]
+    _overload(client, images_being_decoded=20)  # 20 x 10 ms = 200 ms > 50 ms
+    try:
+        r = client.post("/v1/classify", content=make_png(2), headers=PNG)
+        oip = client.post(
+            "/v2/models/tiny-l/infer",
+            json={
+                "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["AAAA"]}]
+            },
+        )
+    finally:
+        client.app.state.classifier.admission.reserved = 0
+    assert r.status_code == 429 and r.json()["error"] == "overloaded"
+    assert "budget" in r.json()["detail"]
+    assert r.headers["retry-after"] == "1"
+    assert oip.status_code == 429 and "budget" in oip.json()["error"]
+    assert calls == [1], "a refused request must not be decoded"
+
+
+def test_images_being_decoded_count_as_queued_work(client, monkeypatch):
+    admission = client.app.state.classifier.admission
+    during = []
+    real = decode.preprocess_images_async
+
+    async def spy(*args, **kwargs):
+        during.append(admission.reserved)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(decode, "preprocess_images_async", spy)
+    blob = png_bytes(np.zeros((28, 28), np.uint8))
+    files = [("file", (f"{i}.png", blob, "image/png")) for i in range(4)]
+    r = client.post("/v1/classify", files=files)
+    assert r.status_code == 200 and len(r.json()["results"]) == 4
+    assert during == [4] and admission.reserved == 0
+
+
+def test_retry_after_header_comes_from_the_drain_rate(client, make_png):
+    _overload(client, images_being_decoded=350)  # 350 x 10 ms = 3.5 s -> 4
+    try:
+        r = client.post("/v1/classify", content=make_png(3), headers=PNG)
+    finally:
+        client.app.state.classifier.admission.reserved = 0
+    assert r.status_code == 429 and r.headers["retry-after"] == "4"
