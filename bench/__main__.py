@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import loadgen, raw_ort, report
+from bench import loadgen, overload, raw_ort, report
 from bench.models import (
     BenchModel,
     custom_model,
@@ -127,6 +127,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quick",
         action="store_true",
         help="trial defaults: c=1,8,32, 2 s points, one open-loop rate",
+    )
+    ov = p.add_argument_group("overload (--overload; see bench/overload.py)")
+    ov.add_argument(
+        "--overload",
+        action="store_true",
+        help="instead of the sweep: capacity, then open-loop load at multiples of it "
+        "(goodput, accepted and refusal latency, 504s, server RSS)",
+    )
+    ov.add_argument(
+        "--overload-factors",
+        type=_floats,
+        default=list(overload.DEFAULT_FACTORS),
+        help="multiples of the measured capacity to offer (2,4,8)",
+    )
+    ov.add_argument("--overload-duration", type=float, default=10.0, help="seconds per factor")
+    ov.add_argument(
+        "--overload-concurrency", type=int, default=32, help="closed-loop c for capacity (32)"
+    )
+    ov.add_argument(
+        "--overload-connections", type=int, default=1024, help="open-loop connection cap"
+    )
+    ov.add_argument("--overload-pause", type=float, default=2.0, help="idle seconds between")
+    ov.add_argument("--overload-idle", type=float, default=5.0, help="idle seconds at the end")
+    ov.add_argument(
+        "--soak", type=float, default=0.0, help="then SECONDS more at the first factor (RSS curve)"
     )
     args = p.parse_args(argv)
     # Explicit flags win over both presets.
@@ -376,6 +401,15 @@ def main(argv: list[str] | None = None) -> int:
         points_per_model * (args.duration + args.warmup)
         + (len(args.raw_batches) + 2) * args.raw_duration
     )
+    if args.overload:
+        bound = len(models) * (
+            args.duration
+            + args.warmup
+            + args.raw_duration
+            + len(args.overload_factors) * (args.overload_duration + args.overload_pause)
+            + args.soak
+            + args.overload_idle
+        )
     log.info("%d model(s), at most ~%.0f s of load plus server start-ups", len(models), bound)
     base_settings = settings_for(models[0], env) if models else Settings()
     results: dict[str, Any] = {
@@ -386,10 +420,11 @@ def main(argv: list[str] | None = None) -> int:
             "cores": len(os.sched_getaffinity(0)),
             "load_before": " ".join(f"{v:.2f}" for v in os.getloadavg()),
             "server_settings": (
-                f"workers {base_settings.workers}, intra-op threads "
+                f"workers {base_settings.resolved_workers}, intra-op threads "
                 f"{base_settings.resolved_intra_op_threads}, max batch "
                 f"{base_settings.max_batch_size}, max wait {base_settings.max_wait_ms:g} ms, "
-                f"queue {base_settings.max_queue_size}"
+                f"queue {base_settings.max_queue_size}, queue delay budget "
+                f"{base_settings.max_queue_delay_ms:g} ms"
                 + (f", {' '.join(f'{k}={v}' for k, v in sorted(env.items()))}" if env else "")
             ),
             "endpoint": args.endpoint,
@@ -401,11 +436,24 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         for model in models:
-            results["models"].append(bench_model(model, args, env))
+            if args.overload:
+                entry = overload.run_model(model, args, env, settings_for(model, env), target_for)
+            else:
+                entry = bench_model(model, args, env)
+            results["models"].append(entry)
     except ServerError as exc:
         log.error("server failed: %s", exc)
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.overload:
+        name = "overload" if args.name == "bench" else args.name
+        md_path = args.out / f"{name}_results.md"
+        md_path.write_text(overload.markdown(results))
+        (args.out / f"{name}_results.json").write_text(json.dumps(results, indent=2) + "\n")
+        for model in results["models"]:
+            overload.plot_rss(model, args.out / f"{name}_{model['key']}_rss.png")
+        log.info("wrote %s and RSS plots in %.0f s", md_path, time.perf_counter() - started)
+        return 0
     md_path = args.out / f"{args.name}_results.md"
     md_path.write_text(report.markdown(results))
     (args.out / f"{args.name}_results.json").write_text(json.dumps(results, indent=2) + "\n")

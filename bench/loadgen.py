@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 #: Cap on one response body, so a misbehaving server cannot make the client buffer without end.
 MAX_BODY = 16 * 1024 * 1024
+#: Statuses that mean "not now": load shedding and not-ready.
+REFUSALS = frozenset({429, 503})
 
 
 class ProtocolError(Exception):
@@ -88,6 +90,8 @@ class RunResult:
     target_rate: float | None
     duration_s: float
     latencies: list[float] = field(default_factory=list)
+    #: Latencies of answers that refused the request (429, 503): how fast the server says no.
+    refused_latencies: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
     client_cpu_s: float = 0.0
     late_sends: int = 0
@@ -133,6 +137,8 @@ class RunResult:
             "max_ms": round(max(self.latencies, default=math.nan) * 1000.0, 3),
             "client_cpu_us_per_req": round(self.client_cpu_per_request_us, 1),
             "late_sends": self.late_sends,
+            "refused": len(self.refused_latencies),
+            "refused_p99_ms": round(percentile(self.refused_latencies, 99) * 1000.0, 3),
         }
 
 
@@ -232,6 +238,8 @@ def _record(result: RunResult, status: int | None, error: str | None, latency: f
         result.latencies.append(latency)
     else:
         result.errors[f"http_{status}"] += 1
+        if status in REFUSALS:
+            result.refused_latencies.append(latency)
 
 
 async def closed_loop(

@@ -44,7 +44,7 @@ def measure(
     """Images per second through ``session.run`` at ``batch``, over ``duration_s``."""
     from service.api.app import load_runtime
 
-    sessions = settings.workers * settings.lanes
+    sessions = settings.resolved_workers * settings.lanes
     runtimes = [load_runtime(settings) for _ in range(sessions)]
     spec = runtimes[0].spec
     x = normalized_batch(spec, batch)

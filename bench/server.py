@@ -85,8 +85,15 @@ class ServerProcess:
             "SEPCONV_PORT": str(self.port),
             "SEPCONV_LOG_LEVEL": settings_env.get("SEPCONV_LOG_LEVEL", "warning"),
         }
-        self.workers = int(self.env.get("SEPCONV_WORKERS", "1"))
+        self.workers = self._workers()
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def _workers(self) -> int:
+        """How many processes will listen: the server resolves ``auto`` the same way."""
+        from service.settings import Settings
+
+        value = self.env.get("SEPCONV_WORKERS", "auto")
+        return Settings(workers=value if value == "auto" else int(value)).resolved_workers
 
     @property
     def base_url(self) -> str:

@@ -103,13 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         access_log=False,
         timeout_graceful_shutdown=settings.graceful_shutdown_s,
     )
-    if settings.workers > 1:
-        _share_metrics_between_workers(settings.workers)
+    workers = settings.resolved_workers
+    if workers > 1:
+        _share_metrics_between_workers(workers)
         if reuseport_available():
-            return run_workers(settings.workers, server_options, settings.graceful_shutdown_s)
-    uvicorn.run(
-        "service.api.app:create_app", factory=True, workers=settings.workers, **server_options
-    )
+            return run_workers(workers, server_options, settings.graceful_shutdown_s)
+    uvicorn.run("service.api.app:create_app", factory=True, workers=workers, **server_options)
     # uvicorn returns after a failed start-up instead of raising.
     return 0
 

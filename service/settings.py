@@ -7,7 +7,7 @@ variable, instead of surfacing as a confusing error under load.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -16,6 +16,9 @@ from sepconv.hardware import available_cores
 
 Provider = Literal["auto", "cpu", "cuda"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
+#: ``SEPCONV_WORKERS=auto`` stops here: every worker holds its own model copy and ORT arena, and
+#: with many workers each one's queue sees too little traffic to form batches.
+MAX_AUTO_WORKERS = 8
 
 
 class Settings(BaseSettings):
@@ -49,16 +52,24 @@ class Settings(BaseSettings):
         "cores the event loop needs to decode the next requests.",
     )
     warmup_runs: int = Field(2, ge=0, description="Warm-up inferences per batch shape.")
+    inline_inference_max_ms: float = Field(
+        1.0,
+        ge=0,
+        description="A lone request on an idle server runs on the event loop, without a thread "
+        "hop, when the model's measured single-image time is at most this (the 28 px default "
+        "model: about 0.1 ms; a 224 px model never). 0 turns it off.",
+    )
 
     # --- HTTP server
     host: str = Field("127.0.0.1", description="Listen address.")
     port: int = Field(8000, ge=1, le=65535, description="Listen port.")
-    workers: int = Field(
-        1,
-        ge=1,
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto",
         description="Server processes, each with the model, a batcher and its own SO_REUSEPORT "
-        "socket (the kernel spreads connections). 1 gives the lowest latency on big models; "
-        "cores doubles throughput where per-request Python work is the limit (the 28 px model).",
+        f"socket (the kernel spreads connections). auto: one per core, at most "
+        f"{MAX_AUTO_WORKERS} (per-request Python work runs on one event loop per process, so a "
+        "second process doubled throughput on 2 cores); 1 gives the lowest single-request "
+        "latency on big models.",
     )
     log_level: LogLevel = Field("info", description="Log level for the service and uvicorn.")
     graceful_shutdown_s: float = Field(
@@ -123,8 +134,15 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def resolved_workers(self) -> int:
+        """Explicit value, else one per core this process may use, up to MAX_AUTO_WORKERS."""
+        if self.workers == "auto":
+            return min(available_cores(), MAX_AUTO_WORKERS)
+        return self.workers
+
+    @property
     def resolved_intra_op_threads(self) -> int:
         """Explicit value, else the cores divided among the concurrent ORT runs."""
         if self.intra_op_threads:
             return self.intra_op_threads
-        return max(1, available_cores() // (self.workers * self.lanes))
+        return max(1, available_cores() // (self.resolved_workers * self.lanes))

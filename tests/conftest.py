@@ -91,8 +91,8 @@ class FailingBatcher:
     def __init__(self, exc: Exception) -> None:
         self.exc = exc
 
-    async def submit(self, x, ctx=None):
+    async def submit(self, x, ctx=None, *, alone=False):
         raise self.exc
 
-    def enqueue(self, x, ctx=None):
+    def enqueue(self, x, ctx=None, *, alone=False):
         raise self.exc

@@ -178,3 +178,33 @@ def test_retry_after_header_comes_from_the_drain_rate(client, make_png):
     finally:
         client.app.state.classifier.admission.reserved = 0
     assert r.status_code == 429 and r.headers["retry-after"] == "4"
+
+
+def test_a_lone_request_on_a_cheap_model_runs_inline(tiny_model_path, make_png):
+    """No thread hop for the 0.1 ms model when nothing else is in progress; the answers are the
+    same as through the batcher's thread."""
+    bodies = [make_png(i) for i in range(3)]
+    answers = {}
+    for inline_ms in (1000.0, 0.0):
+        settings = Settings(
+            model_path=tiny_model_path, warmup_runs=0, inline_inference_max_ms=inline_ms
+        )
+        with TestClient(create_app(settings)) as c:
+            batcher = c.app.state.classifier.batcher
+            threads = []
+            inner = batcher.run_batch
+
+            def spy(x, inner=inner, threads=threads):
+                threads.append(threading.current_thread().name)
+                return inner(x)
+
+            batcher.run_batch = spy
+            answers[inline_ms] = [
+                c.post("/v1/classify", content=b, headers=PNG).json()["results"] for b in bodies
+            ]
+        if inline_ms:
+            assert not any(t.startswith("sepconv-infer") for t in threads)
+        else:
+            assert all(t.startswith("sepconv-infer") for t in threads)
+        assert len(threads) == 3
+    assert answers[1000.0] == answers[0.0]

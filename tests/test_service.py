@@ -278,7 +278,10 @@ def test_concurrent_distinct_images_each_get_their_own_answer(tiny_model_path):
     ]
     expected = [_direct_probs(tiny_model_path, b) for b in blobs]
     assert len({tuple(np.round(e, 5)) for e in expected}) == n
-    app = create_app(_settings(tiny_model_path, max_batch_size=8, max_wait_ms=5))
+    # Inline runs off: in-process requests never overlap, and this test is about shared batches.
+    app = create_app(
+        _settings(tiny_model_path, max_batch_size=8, max_wait_ms=5, inline_inference_max_ms=0)
+    )
     sizes = []
 
     async def main():

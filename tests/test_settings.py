@@ -50,7 +50,7 @@ def test_queue_must_hold_a_full_batch():
 
 def test_thread_defaults_do_not_oversubscribe_cores():
     cores = available_cores()
-    assert Settings().resolved_intra_op_threads == cores
+    assert Settings(workers=1).resolved_intra_op_threads == cores
     assert Settings(workers=cores).resolved_intra_op_threads == 1
     assert Settings(workers=cores * 4).resolved_intra_op_threads == 1
     assert Settings(intra_op_threads=3).resolved_intra_op_threads == 3
@@ -164,3 +164,35 @@ def test_readme_documents_every_setting():
     section = readme.split("## Serving", 1)[1].split("\n## ", 1)[0]
     for name in Settings.model_fields:
         assert f"`SEPCONV_{name.upper()}`" in section, name
+
+
+def test_auto_workers_one_per_core_up_to_the_cap():
+    from service.settings import MAX_AUTO_WORKERS
+
+    auto = Settings()
+    assert auto.workers == "auto"
+    assert auto.resolved_workers == min(available_cores(), MAX_AUTO_WORKERS)
+    assert auto.resolved_workers * auto.resolved_intra_op_threads <= available_cores()
+    assert Settings(workers=3).resolved_workers == 3
+    with pytest.raises(ValidationError, match="workers"):
+        Settings(workers=0)
+    with pytest.raises(ValidationError, match="workers"):
+        Settings(workers="many")
+
+
+def test_cgroup_quota_caps_the_cores(tmp_path):
+    from sepconv.hardware import cgroup_cpu_limit
+
+    v2 = tmp_path / "cpu.max"
+    quota, period = tmp_path / "quota", tmp_path / "period"
+    missing = tmp_path / "absent"
+    v2.write_text("150000 100000\n")
+    assert cgroup_cpu_limit(v2, missing, missing) == 1.5
+    v2.write_text("max 100000\n")
+    assert cgroup_cpu_limit(v2, missing, missing) is None
+    quota.write_text("200000\n")
+    period.write_text("100000\n")
+    assert cgroup_cpu_limit(missing, quota, period) == 2.0
+    quota.write_text("-1\n")
+    assert cgroup_cpu_limit(missing, quota, period) is None
+    assert cgroup_cpu_limit(missing, missing, missing) is None

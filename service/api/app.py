@@ -76,11 +76,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         timeout_s=settings.request_timeout_s,
         item_shape=runtime.input_shape,
         lanes=settings.lanes,
+        inline_max_s=settings.inline_inference_max_ms / 1000,
         observer=observer,
     )
     # Admission control predicts waits from the measured time per image; until requests have
-    # been measured, a full batch timed now stands in.
+    # been measured, a full batch timed now stands in. The single-image time decides whether a
+    # lone request may run on the event loop.
     batcher.record_batch(settings.max_batch_size, runtime.time_batch(settings.max_batch_size))
+    batcher.single_image_s = runtime.time_batch(1)
     batcher.start()
     app.state.classifier = Classifier(
         runtime,

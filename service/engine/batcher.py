@@ -82,6 +82,7 @@ class Batcher:
         timeout_s: float = 10.0,
         item_shape: tuple[int, ...] | None = None,
         lanes: int = 1,
+        inline_max_s: float = 0.0,
         observer: EngineObserver = NULL_OBSERVER,
     ) -> None:
         if (
@@ -113,6 +114,11 @@ class Batcher:
         #: Recent seconds of model time per image in one lane (an EWMA over batches); None until
         #: measured or seeded from the warm-up.
         self.image_seconds: float | None = None
+        #: A lone image on an idle batcher runs on the event loop when the model takes at most
+        #: ``inline_max_s`` for it (``single_image_s``, measured at start-up): for a model that
+        #: answers in 0.1 ms, the hop to the inference thread and back costs more than the run.
+        self.inline_max_s = inline_max_s
+        self.single_image_s: float | None = None
 
     # --- lifecycle
     def start(self) -> None:
@@ -170,16 +176,22 @@ class Batcher:
         return max(1, math.ceil(self.seconds_to_drain(extra)))
 
     # --- caller side
-    async def submit(self, x: np.ndarray, ctx: RequestContext | None = None) -> np.ndarray:
+    async def submit(
+        self, x: np.ndarray, ctx: RequestContext | None = None, *, alone: bool = False
+    ) -> np.ndarray:
         """Queue one image and await its logits (:meth:`enqueue`, then wait)."""
-        return await self.enqueue(x, ctx)
+        return await self.enqueue(x, ctx, alone=alone)
 
-    def enqueue(self, x: np.ndarray, ctx: RequestContext | None = None) -> asyncio.Future:
+    def enqueue(
+        self, x: np.ndarray, ctx: RequestContext | None = None, *, alone: bool = False
+    ) -> asyncio.Future:
         """Queue one image now (no await: the caller knows it is queued when this returns) and
         give the future of its logits.
 
         The answer is given up (504) at the request timeout or at ``ctx.deadline``, whichever
         comes first; an item whose caller has given up, or cancelled the future, is never run.
+        ``alone``: the caller knows no other request is in progress, so a cheap model may run
+        this image at once on the event loop (see ``inline_max_s``).
         """
         if self._worker is None or self._worker.done():
             raise BatchFailedError("the batch worker is not running")
@@ -196,6 +208,9 @@ class Batcher:
                 self.observer.rejected("deadline")
                 raise RequestTimeoutError("the request's deadline passed before it was queued")
         fut: asyncio.Future = loop.create_future()
+        if alone and self._runs_inline():
+            self._run_inline(x, fut, ctx)
+            return fut
         try:
             self._queue.put_nowait((x, fut, now, ctx))
         except asyncio.QueueFull:
@@ -207,6 +222,33 @@ class Batcher:
         timer = loop.call_later(wait_s, self._expire, fut, wait_s)
         fut.add_done_callback(lambda _: timer.cancel())
         return fut
+
+    def _runs_inline(self) -> bool:
+        return (
+            self.single_image_s is not None
+            and self.single_image_s <= self.inline_max_s
+            and self._running == 0
+            and self._queue.empty()
+        )
+
+    def _run_inline(self, x: np.ndarray, fut: asyncio.Future, ctx: RequestContext | None) -> None:
+        """Run one image now, on the calling (event loop) thread; nothing else is running."""
+        self.observer.batch_started(1, (0.0,), (ctx,))
+        try:
+            out, seconds = self._timed_run(x[None])
+            if len(out) != 1:
+                raise BatchFailedError(f"the model returned {len(out)} results for 1 image")
+        except Exception as exc:
+            log.exception("inline inference failed")
+            fut.set_exception(
+                exc
+                if isinstance(exc, BatchFailedError)
+                else BatchFailedError(f"inference failed: {type(exc).__name__}: {exc}")
+            )
+            return
+        self.record_batch(1, seconds)
+        self.observer.classified(1)
+        fut.set_result(out[0])
 
     def _expire(self, fut: asyncio.Future, wait_s: float) -> None:
         if not fut.done():

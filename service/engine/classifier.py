@@ -42,6 +42,7 @@ class Classifier:
         self.runtime = runtime
         self.batcher = batcher
         self.admission = Admission(batcher, max_delay_s=max_queue_delay_s, observer=observer)
+        self.active = 0  # requests between admission and their answer
         self.max_pixels = max_pixels
         self.inline_decode_max_pixels = inline_decode_max_pixels
         self.observer = observer
@@ -87,25 +88,35 @@ class Classifier:
         Admitted (or refused) before any pixel is decoded; while decoding, the images count as
         queued work for the admission of others.
         """
-        with self.admission.reserve(len(blobs)):
-            batch = await self.preprocess(blobs, names)
-        # No await between the reservation's end and the enqueueing: never counted twice.
-        return softmax(np.stack(await self._submit_all(batch, ctx)))
+        self.active += 1
+        try:
+            with self.admission.reserve(len(blobs)):
+                batch = await self.preprocess(blobs, names)
+            # No await between the reservation's end and the enqueueing: never counted twice.
+            return softmax(np.stack(await self._submit_all(batch, ctx)))
+        finally:
+            self.active -= 1
 
     async def classify_tensor(
         self, batch: np.ndarray, ctx: RequestContext | None = None
     ) -> np.ndarray:
         """float32 (N, C, H, W) -> probabilities (N, num_classes), each row through the batcher."""
         self.admission.check(len(batch))
-        return softmax(np.stack(await self._submit_all(batch, ctx)))
+        self.active += 1
+        try:
+            return softmax(np.stack(await self._submit_all(batch, ctx)))
+        finally:
+            self.active -= 1
 
     async def _submit_all(self, batch: np.ndarray, ctx: RequestContext | None) -> list[np.ndarray]:
         """Every row to the shared batcher; if one fails, the others are cancelled: the batcher
         drops cancelled rows instead of spending model time on an answer nobody will read."""
         futures: list[asyncio.Future] = []
+        # The only request in progress, with one image: the batcher may run it at once.
+        alone = self.active == 1 and len(batch) == 1
         try:
             for row in batch:
-                futures.append(self.batcher.enqueue(row, ctx))
+                futures.append(self.batcher.enqueue(row, ctx, alone=alone))
             if len(futures) == 1:
                 return [await futures[0]]
             return await asyncio.gather(*futures)

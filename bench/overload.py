@@ -1,0 +1,306 @@
+"""``python -m bench --overload``: what the server does when offered more than it can serve.
+
+Per model: measure capacity (closed loop), then offer open-loop load (Poisson, latency counted
+from each scheduled send) at multiples of it, and report goodput (answers per second that were
+200s), the accepted requests' p50/p99, how fast refusals come (p99), the 504s, and the server's
+resident memory sampled all along (every worker process summed), including after the load
+stops. ``--soak SECONDS`` adds one long run at the first factor, for the RSS curve.
+
+The load generator shares the machine's cores with the server: at high offered rates it may not
+keep its schedule, which the ``late sends`` column shows (a late send is one the client itself
+started more than 1 ms after its scheduled time).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import loadgen, raw_ort
+from bench.models import BenchModel
+from bench.server import ServerProcess
+
+log = logging.getLogger("bench")
+
+DEFAULT_FACTORS = (2.0, 4.0, 8.0)
+#: Targets from the issue, per model.
+GOODPUT_FRACTION_AT_4X = 0.90
+REFUSAL_P99_MS = 5.0
+RSS_INTERVAL_S = 0.5
+
+
+def process_group_rss(pgid: int) -> int:
+    """Resident bytes of every process in ``pgid`` (the server and its workers)."""
+    total = 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended meanwhile
+        # fields[0] is the state (field 3 of stat); pgrp is field 5, rss (pages) field 24.
+        if int(fields[2]) == pgid:
+            total += int(fields[21]) * page
+    return total
+
+
+class RssSampler(threading.Thread):
+    """Samples a process group's RSS every ``interval_s`` until stopped: (seconds, bytes)."""
+
+    def __init__(self, pgid: int, interval_s: float = RSS_INTERVAL_S) -> None:
+        super().__init__(daemon=True, name="rss-sampler")
+        self.pgid = pgid
+        self.interval_s = interval_s
+        self.samples: list[tuple[float, int]] = []
+        self.marks: list[tuple[float, str]] = []
+        self._halt = threading.Event()
+        self._t0 = time.monotonic()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            self.samples.append((time.monotonic() - self._t0, process_group_rss(self.pgid)))
+            self._halt.wait(self.interval_s)
+
+    def mark(self, label: str) -> None:
+        self.marks.append((time.monotonic() - self._t0, label))
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+    def peak_between(self, start: float, end: float) -> int:
+        return max((b for t, b in self.samples if start <= t <= end), default=0)
+
+    def now(self) -> float:
+        return time.monotonic() - self._t0
+
+
+def _point(result: loadgen.RunResult, factor: float, rate: float, capacity: float) -> dict:
+    summary = result.summary()
+    kinds = summary["error_kinds"]
+    return {
+        "factor": factor,
+        "offered_per_s": round(rate, 1),
+        "sent_per_s": round(result.total / result.duration_s, 1) if result.duration_s else 0.0,
+        "goodput_per_s": summary["req_per_s"],
+        "goodput_fraction": round(summary["req_per_s"] / capacity, 3) if capacity else 0.0,
+        "accepted_p50_ms": summary["p50_ms"],
+        "accepted_p99_ms": summary["p99_ms"],
+        "refused": summary["refused"],
+        "refused_p99_ms": summary["refused_p99_ms"],
+        "http_429": kinds.get("http_429", 0),
+        "http_504": kinds.get("http_504", 0),
+        "other_errors": sum(v for k, v in kinds.items() if k not in ("http_429", "http_504")),
+        "late_sends": summary["late_sends"],
+        "client_cpu_us_per_req": summary["client_cpu_us_per_req"],
+    }
+
+
+def check_targets(entry: dict) -> list[dict]:
+    budget_ms = entry["budget_ms"]
+    batch_ms = entry["full_batch_ms"]
+    out = []
+    at4 = next((p for p in entry["points"] if p["factor"] == 4.0), None)
+    if at4 is not None:
+        out.append(
+            {
+                "target": f">= {GOODPUT_FRACTION_AT_4X:.0%} of capacity as goodput at 4x",
+                "measured": f"{at4['goodput_fraction']:.2f}x ({at4['goodput_per_s']:.1f} of "
+                f"{entry['capacity_per_s']:.1f} req/s)",
+                "met": at4["goodput_fraction"] >= GOODPUT_FRACTION_AT_4X,
+            }
+        )
+        out.append(
+            {
+                "target": "no 504 at 4x",
+                "measured": f"{at4['http_504']} x 504",
+                "met": at4["http_504"] == 0,
+            }
+        )
+    for p in entry["points"]:
+        limit = budget_ms + batch_ms
+        out.append(
+            {
+                "target": f"accepted p99 <= budget + one batch ({limit:.1f} ms) at "
+                f"{p['factor']:g}x",
+                "measured": f"{p['accepted_p99_ms']:.1f} ms",
+                "met": p["accepted_p99_ms"] <= limit,
+            }
+        )
+        if p["refused"]:
+            out.append(
+                {
+                    "target": f"refusals p99 <= {REFUSAL_P99_MS:g} ms at {p['factor']:g}x",
+                    "measured": f"{p['refused_p99_ms']:.2f} ms",
+                    "met": p["refused_p99_ms"] <= REFUSAL_P99_MS,
+                }
+            )
+    return out
+
+
+def run_model(model: BenchModel, args, env: dict[str, str], settings, target_for) -> dict[str, Any]:
+    """Capacity, then each overload factor, then an idle pause; RSS sampled throughout."""
+    full = raw_ort.measure(settings, settings.max_batch_size, duration_s=args.raw_duration)
+    batch_ms = full.summary()["batch_latency_ms_p50"]
+    log.info("%s: a full batch of %d takes %.1f ms", model.title, settings.max_batch_size, batch_ms)
+    log_path = Path(tempfile.gettempdir()) / f"sepconv-overload-{model.key}-{os.getpid()}.log"
+    points = []
+    with ServerProcess(model.path, env, log_path) as server:
+        assert server.proc is not None
+        sampler = RssSampler(server.proc.pid)
+        sampler.start()
+        try:
+            target = target_for(model, server, args.endpoint)
+            capacity = loadgen.run(
+                loadgen.closed_loop(
+                    target,
+                    concurrency=args.overload_concurrency,
+                    duration_s=args.duration,
+                    warmup_s=args.warmup,
+                    timeout_s=args.timeout,
+                )
+            ).throughput
+            log.info("  capacity at c=%d: %.1f req/s", args.overload_concurrency, capacity)
+            rss_start = process_group_rss(server.proc.pid)
+            runs = [(f, args.overload_duration) for f in args.overload_factors]
+            if args.soak:
+                runs.append((args.overload_factors[0], args.soak))
+            for factor, seconds in runs:
+                rate = factor * capacity
+                sampler.mark(f"{factor:g}x for {seconds:g} s")
+                start = sampler.now()
+                result = loadgen.run(
+                    loadgen.open_loop(
+                        target,
+                        rate=rate,
+                        duration_s=seconds,
+                        max_requests=math.ceil(rate * seconds) + 1,
+                        max_connections=args.overload_connections,
+                        timeout_s=args.timeout,
+                    )
+                )
+                point = _point(result, factor, rate, capacity)
+                point["seconds"] = seconds
+                point["rss_peak_mb"] = round(sampler.peak_between(start, sampler.now()) / 2**20, 1)
+                points.append(point)
+                _log(point)
+                time.sleep(args.overload_pause)  # let the queue drain between points
+            sampler.mark("idle")
+            time.sleep(args.overload_idle)
+            rss_after = process_group_rss(server.proc.pid)
+        finally:
+            sampler.stop()
+    entry = {
+        "key": model.key,
+        "title": model.title,
+        "path": str(model.path),
+        "budget_ms": settings.max_queue_delay_ms,
+        "full_batch_ms": batch_ms,
+        "capacity_per_s": round(capacity, 1),
+        "points": points,
+        "rss_start_mb": round(rss_start / 2**20, 1),
+        "rss_after_idle_mb": round(rss_after / 2**20, 1),
+        "rss_curve": [(round(t, 2), round(b / 2**20, 1)) for t, b in sampler.samples],
+        "rss_marks": [(round(t, 2), label) for t, label in sampler.marks],
+    }
+    entry["targets"] = check_targets(entry)
+    for t in entry["targets"]:
+        log.info(
+            "  target %s: %s (%s)", t["target"], t["measured"], "met" if t["met"] else "MISSED"
+        )
+    return entry
+
+
+def _log(p: dict) -> None:
+    log.info(
+        "  %gx: offered %.0f/s sent %.0f/s goodput %.1f/s (%.2fx) accepted p50 %.1f p99 %.1f ms"
+        "  refused %d p99 %.2f ms  504 %d  late %d  rss %.0f MB",
+        p["factor"],
+        p["offered_per_s"],
+        p["sent_per_s"],
+        p["goodput_per_s"],
+        p["goodput_fraction"],
+        p["accepted_p50_ms"],
+        p["accepted_p99_ms"],
+        p["refused"],
+        p["refused_p99_ms"],
+        p["http_504"],
+        p["late_sends"],
+        p["rss_peak_mb"],
+    )
+
+
+def markdown(results: dict) -> str:
+    env = results["environment"]
+    lines = [
+        "# Overload results",
+        "",
+        f"Generated by `{env['command']}` on {env['date']}.",
+        "",
+        f"- Machine: {env['cpu']}, {env['cores']} cores available, load average before the run "
+        f"{env['load_before']}.",
+        f"- Server settings: {env['server_settings']}.",
+        "- Capacity: closed loop at the given concurrency; overload: open loop (Poisson) at each "
+        "factor times that capacity, latency from the scheduled send time. Goodput counts 200s "
+        "only. The load generator shares the cores with the server.",
+        "",
+    ]
+    for m in results["models"]:
+        lines += [
+            f"## {m['title']}",
+            "",
+            f"Capacity {m['capacity_per_s']:.1f} req/s; latency budget "
+            f"{m['budget_ms']:g} ms; a full batch takes {m['full_batch_ms']:.1f} ms in raw ORT. "
+            f"RSS {m['rss_start_mb']:.0f} MB before the overload, "
+            f"{m['rss_after_idle_mb']:.0f} MB after it and an idle pause.",
+            "",
+            "| load | s | offered/s | sent/s | goodput/s | of capacity | accepted p50 ms | "
+            "accepted p99 ms | 429 | refusal p99 ms | 504 | other errors | late sends | "
+            "peak RSS MB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for p in m["points"]:
+            lines.append(
+                f"| {p['factor']:g}x | {p['seconds']:g} | {p['offered_per_s']:,.0f} | "
+                f"{p['sent_per_s']:,.0f} | {p['goodput_per_s']:,.1f} | "
+                f"{p['goodput_fraction']:.2f}x | {p['accepted_p50_ms']:.1f} | "
+                f"{p['accepted_p99_ms']:.1f} | {p['http_429']:,} | {p['refused_p99_ms']:.2f} | "
+                f"{p['http_504']} | {p['other_errors']} | {p['late_sends']:,} | "
+                f"{p['rss_peak_mb']:.0f} |"
+            )
+        lines += ["", "| target | measured | met |", "|---|---|:-:|"]
+        for t in m["targets"]:
+            lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_rss(model: dict, path: Path) -> None:
+    """The RSS curve with the load phases marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ts = [t for t, _ in model["rss_curve"]]
+    ax.plot(ts, [mb for _, mb in model["rss_curve"]], lw=1.2)
+    for t, label in model["rss_marks"]:
+        ax.axvline(t, color="grey", lw=0.6, ls="--")
+        ax.text(t, ax.get_ylim()[1], f" {label}", fontsize=7, va="top", rotation=90)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("server RSS (MB)")
+    ax.set_title(f"{model['title']}: resident memory under overload")
+    ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
