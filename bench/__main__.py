@@ -121,6 +121,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     srv.add_argument(
         "--env", action="append", default=[], metavar="KEY=VALUE", help="any other SEPCONV_ setting"
     )
+    p.add_argument(
+        "--server-tree",
+        type=Path,
+        help="run the server from this checkout instead (an A/B against another commit)",
+    )
     p.add_argument("--out", type=Path, default=Path("docs"), help="where the report goes")
     p.add_argument("--name", default="bench", help="report file prefix: OUT/NAME_results.md")
     p.add_argument(
@@ -294,7 +299,7 @@ def bench_model(model: BenchModel, args: argparse.Namespace, env: dict[str, str]
 
     points: list[dict[str, Any]] = []
     log_path = Path(tempfile.gettempdir()) / f"sepconv-bench-{model.key}-{os.getpid()}.log"
-    with ServerProcess(model.path, env, log_path) as server:
+    with ServerProcess(model.path, env, log_path, cwd=args.server_tree) as server:
         target = target_for(model, server, args.endpoint)
         probe = loadgen.run(
             loadgen.closed_loop(target, concurrency=1, duration_s=5, max_requests=1)

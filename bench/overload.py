@@ -154,7 +154,7 @@ def run_model(model: BenchModel, args, env: dict[str, str], settings, target_for
     log.info("%s: a full batch of %d takes %.1f ms", model.title, settings.max_batch_size, batch_ms)
     log_path = Path(tempfile.gettempdir()) / f"sepconv-overload-{model.key}-{os.getpid()}.log"
     points = []
-    with ServerProcess(model.path, env, log_path) as server:
+    with ServerProcess(model.path, env, log_path, cwd=args.server_tree) as server:
         assert server.proc is not None
         sampler = RssSampler(server.proc.pid)
         sampler.start()
@@ -299,7 +299,7 @@ def plot_rss(model: dict, path: Path) -> None:
         ax.text(t, ax.get_ylim()[1], f" {label}", fontsize=7, va="top", rotation=90)
     ax.set_xlabel("seconds")
     ax.set_ylabel("server RSS (MB)")
-    ax.set_title(f"{model['title']}: resident memory under overload")
+    ax.set_title(f"{model['key']} model: server resident memory under overload")
     ax.set_ylim(bottom=0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

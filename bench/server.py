@@ -71,12 +71,15 @@ class ServerProcess:
         *,
         host: str = "127.0.0.1",
         ready_timeout_s: float = 120.0,
+        cwd: Path | None = None,
     ):
         self.model_path = Path(model_path)
         self.host = host
         self.port = free_port(host)
         self.log_path = Path(log_path)
         self.ready_timeout_s = ready_timeout_s
+        #: Run ``python -m service`` from this checkout (another commit, for an A/B run).
+        self.cwd = cwd
         self.env = {
             **os.environ,
             **settings_env,
@@ -106,6 +109,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service"],
             env=self.env,
+            cwd=self.cwd,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
