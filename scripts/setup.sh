@@ -36,4 +36,14 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[cpu,build,test,bench]"
   touch "$stamp"
 fi
+# KServe's typed models check deploy/k8s/kserve/ (tests/k8s_schemas.py). The kserve package pins
+# protobuf < 7, grpcio, pandas and more, which would change the service's own dependencies, so
+# only its wheel (--no-deps) and six go into a folder of their own, off the venv's path.
+KSERVE_VERSION=0.21.0
+kserve_dir="$VENV/kserve-models"
+if [ ! -f "$kserve_dir/kserve-$KSERVE_VERSION.dist-info/METADATA" ]; then
+  rm -rf "$kserve_dir"
+  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --target "$kserve_dir" \
+    "kserve==$KSERVE_VERSION" "six>=1.16"
+fi
 echo "setup: ok ($("$VENV/bin/python" -c 'import torch, onnxruntime; print("torch", torch.__version__, "| onnxruntime", onnxruntime.__version__)'))"
