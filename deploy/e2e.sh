@@ -125,7 +125,7 @@ api_uid=$("$DOCKER" exec "$api_id" id -u)
 [ "$api_uid" != 0 ] || { echo "e2e: the api runs as root" >&2; exit 1; }
 
 "$PYTHON" deploy/e2e_check.py --api http://127.0.0.1:18000 --prometheus http://127.0.0.1:19090 \
-  --dashboard deploy/grafana/dashboards/sepconv.json --out "$run_dir/check.json"
+  --dashboard deploy/grafana/dashboards/sepconv.json --k8s deploy/k8s --out "$run_dir/check.json"
 stamp checks_s
 
 # SIGTERM must reach uvicorn through tini: a graceful shutdown well within the grace period, not

@@ -1,8 +1,10 @@
 """HTTP half of the end-to-end test (deploy/e2e.sh): drive the containerised API, then ask the
-containerised Prometheus for what it scraped, and evaluate every Grafana panel's PromQL there.
+containerised Prometheus for what it scraped, and evaluate every Grafana panel's PromQL there,
+and every autoscaling query (the prometheus-adapter rule and the KEDA ScaledObject in
+deploy/k8s/).
 
-Standard library plus Pillow (for the test images) only. Exits non-zero with a message naming
-what is missing; writes a JSON summary to --out.
+Standard library plus Pillow (for the test images) and PyYAML (for the manifests) only. Exits
+non-zero with a message naming what is missing; writes a JSON summary to --out.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import io
 import json
 import math
+import re
 import sys
 import time
 import urllib.error
@@ -18,7 +21,13 @@ import urllib.parse
 import urllib.request
 import uuid
 
+import yaml
 from PIL import Image
+
+#: The labels the e2e Prometheus puts on its one target (prometheus.e2e.yml), standing in for
+#: the ones the Prometheus Operator's ServiceMonitor adds in a cluster.
+E2E_NAMESPACE = "sepconv-serve"
+E2E_POD = "sepconv-serve-e2e"
 
 
 def png(seed: int) -> bytes:
@@ -89,11 +98,43 @@ def dashboard_exprs(path: str) -> list[tuple[str, str]]:
     return out
 
 
+def adapter_rules(path) -> list[dict]:
+    """The custom rules of the prometheus-adapter Helm values file."""
+    with open(path) as f:
+        return yaml.safe_load(f)["rules"]["custom"]
+
+
+def autoscaling_queries(k8s_dir, namespace: str, pods: list[str]) -> list[tuple[str, str]]:
+    """(name, PromQL) of every autoscaling query, as the adapter and KEDA would run them.
+
+    The adapter fills its templates per HPA request: the series, a namespace and pod matcher
+    for the pods of the scale target, and `pod` to group by (per-pod metrics).
+    """
+    out = []
+    for rule in adapter_rules(f"{k8s_dir}/autoscaling/prometheus-adapter-values.yaml"):
+        series = re.match(r"\s*([a-zA-Z_:][\w:]*)", rule["seriesQuery"]).group(1)
+        matchers = f'namespace="{namespace}",pod=~"{"|".join(pods)}"'
+        expr = (
+            rule["metricsQuery"]
+            .replace("<<.Series>>", series)
+            .replace("<<.LabelMatchers>>", matchers)
+            .replace("<<.GroupBy>>", "pod")
+        )
+        out.append((f"prometheus-adapter {rule['name']['as']}", expr))
+    with open(f"{k8s_dir}/components/keda/scaledobject.yaml") as f:
+        scaled = yaml.safe_load(f)
+    for trigger in scaled["spec"]["triggers"]:
+        if trigger["type"] == "prometheus":
+            out.append((f"keda {scaled['metadata']['name']}", trigger["metadata"]["query"]))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--api", required=True)
     ap.add_argument("--prometheus", required=True)
     ap.add_argument("--dashboard", required=True)
+    ap.add_argument("--k8s", required=True, help="deploy/k8s: the autoscaling queries")
     ap.add_argument("--out", required=True)
     ap.add_argument("--deadline-s", type=float, default=120)
     args = ap.parse_args()
@@ -163,6 +204,26 @@ def main() -> int:
     with open(args.dashboard) as f:
         summary["dashboard_panels"] = len(json.load(f)["panels"])
     summary["requests_sent"] = sent
+
+    # Autoscaling: each query returns a number for the pod, as the HPA would read it.
+    scaling = {}
+    for name, expr in autoscaling_queries(args.k8s, E2E_NAMESPACE, [E2E_POD]):
+        result = prom_query(prom, expr)
+        expect(has_number(result), f"autoscaling query {name} returned no data: {expr}")
+        if name.startswith("prometheus-adapter"):
+            expect(
+                [r["metric"].get("pod") for r in result] == [E2E_POD],
+                f"{name} must give one series per pod: {result}",
+            )
+        scaling[name] = float(result[0]["value"][1])
+    # The queries take one off per pod for the scrape that reads the gauge: the raw gauge never
+    # drops below 1, because the /metrics request is itself in flight while it is rendered.
+    floor = prom_query(prom, "min_over_time(sepconv_http_requests_in_flight[5m])")
+    expect(
+        floor and min(float(r["value"][1]) for r in floor) >= 1,
+        f"in-flight gauge seen below 1: {floor}",
+    )
+    summary["autoscaling_queries"] = scaling
 
     # Rules loaded and healthy, targets up.
     _, _, rules = request(f"{prom}/api/v1/rules")
