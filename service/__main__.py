@@ -23,13 +23,16 @@ from service.settings import Settings
 log = logging.getLogger("service")
 
 # CLI flags become SEPCONV_* variables so that every uvicorn worker process sees them.
+# The underscore spellings are KServe's model server conventions (--model_dir, --model_name,
+# --http_port), so a ServingRuntime can pass its usual arguments.
 FLAGS = {
-    "--model-path": "SEPCONV_MODEL_PATH",
-    "--host": "SEPCONV_HOST",
-    "--port": "SEPCONV_PORT",
-    "--workers": "SEPCONV_WORKERS",
-    "--provider": "SEPCONV_PROVIDER",
-    "--log-level": "SEPCONV_LOG_LEVEL",
+    ("--model-path", "--model_dir"): "SEPCONV_MODEL_PATH",
+    ("--model-name", "--model_name"): "SEPCONV_MODEL_NAME",
+    ("--host",): "SEPCONV_HOST",
+    ("--port", "--http_port"): "SEPCONV_PORT",
+    ("--workers",): "SEPCONV_WORKERS",
+    ("--provider",): "SEPCONV_PROVIDER",
+    ("--log-level",): "SEPCONV_LOG_LEVEL",
 }
 
 
@@ -59,11 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         description="Serve an ONNX MobileNetV1. Every setting is also a SEPCONV_* env var "
         "(see README, Serving).",
     )
-    for flag, env in FLAGS.items():
-        parser.add_argument(flag, help=f"overrides {env}")
+    for flags, env in FLAGS.items():
+        parser.add_argument(*flags, dest=env, help=f"overrides {env}")
     args = parser.parse_args(argv)
-    for flag, env in FLAGS.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
+    for env in FLAGS.values():
+        value = getattr(args, env)
         if value is not None:
             os.environ[env] = value
 
@@ -75,15 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level)
 
     from sepconv.spec import SpecError, read_spec
-    from service.engine.runtime import ModelLoadError, choose_providers
+    from service.engine.runtime import ModelLoadError, choose_providers, find_model_file
 
     try:
-        if not settings.model_path.is_file():
-            raise ModelLoadError(
-                f"model file {settings.model_path} does not exist; build one with "
-                "`python -m model build` or set SEPCONV_MODEL_PATH"
-            )
-        read_spec(str(settings.model_path))
+        read_spec(str(find_model_file(settings.model_path)))
         choose_providers(settings.provider)
     except (ModelLoadError, SpecError) as exc:
         print(f"sepconv-serve: cannot start: {exc}", file=sys.stderr)
@@ -107,10 +105,16 @@ def main(argv: list[str] | None = None) -> int:
     if workers > 1:
         _share_metrics_between_workers(workers)
         if reuseport_available():
-            return run_workers(workers, server_options, settings.graceful_shutdown_s)
-    uvicorn.run("service.api.app:create_app", factory=True, workers=workers, **server_options)
-    # uvicorn returns after a failed start-up instead of raising.
-    return 0
+            return run_workers(
+                workers, server_options, settings.drain_delay_s + settings.graceful_shutdown_s
+            )
+        # No SO_REUSEPORT (not Linux): uvicorn's own workers, without the drain delay.
+        uvicorn.run("service.api.app:create_app", factory=True, workers=workers, **server_options)
+        # uvicorn returns after a failed start-up instead of raising.
+        return 0
+    from service.drain import serve
+
+    return 0 if serve(settings, server_options) else 3
 
 
 if __name__ == "__main__":

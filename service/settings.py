@@ -33,7 +33,20 @@ class Settings(BaseSettings):
     )
 
     # --- model and runtime
-    model_path: Path = Field(Path("artifacts/model.onnx"), description="ONNX model to serve.")
+    model_path: Path = Field(
+        Path("artifacts/model.onnx"),
+        description="ONNX model to serve, or a folder holding it (KServe's /mnt/models): "
+        "model.onnx there, else its only .onnx file.",
+    )
+    model_name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=253,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Name to serve the model under (the OIP URLs /v2/models/<name>, "
+        "/v1/models, responses, metrics); unset = the name in the model's metadata. KServe "
+        "passes the InferenceService name.",
+    )
     provider: Provider = Field(
         "auto", description="auto: CUDA when onnxruntime offers it, else CPU. cuda: CUDA or fail."
     )
@@ -72,11 +85,21 @@ class Settings(BaseSettings):
         "latency on big models.",
     )
     log_level: LogLevel = Field("info", description="Log level for the service and uvicorn.")
+    drain_delay_s: float = Field(
+        0.0,
+        ge=0,
+        le=300,
+        description="On SIGTERM, how long /readyz (and /v2/health/ready) answer 503 while "
+        "every request is still served, with Connection: close, before the server stops "
+        "accepting: time for load balancers to take it out. 0 = stop at once (SIGINT always "
+        "does).",
+    )
     graceful_shutdown_s: float = Field(
         10.0,
         gt=0,
-        description="On SIGTERM, how long open requests may finish before the server exits "
-        "anyway (keep it under the orchestrator's kill grace period).",
+        description="After the drain delay, how long open requests may finish before the "
+        "server exits anyway (drain delay + this must stay under the orchestrator's kill "
+        "grace period).",
     )
 
     # --- input limits

@@ -70,10 +70,11 @@ def bind_reuseport(host: str, port: int) -> socket.socket:
 
 
 def _worker_main(index: int, uvicorn_kwargs: dict[str, Any]) -> None:
-    """Entry point of one spawned worker: its own socket, then an ordinary uvicorn server."""
-    import uvicorn
-
+    """Entry point of one spawned worker: its own socket, then a uvicorn server that drains on
+    SIGTERM (service.drain) like a single-process one."""
+    from service.drain import serve
     from service.logs import configure_logging
+    from service.settings import Settings
 
     configure_logging(uvicorn_kwargs["log_level"])
     host, port = uvicorn_kwargs["host"], uvicorn_kwargs["port"]
@@ -84,16 +85,18 @@ def _worker_main(index: int, uvicorn_kwargs: dict[str, Any]) -> None:
             f"sepconv-serve worker {index}: cannot listen on {host}:{port}: {exc}", file=sys.stderr
         )
         sys.exit(1)
-    config = uvicorn.Config("service.api.app:create_app", factory=True, **uvicorn_kwargs)
-    server = uvicorn.Server(config)
-    server.run(sockets=[sock])
+    # The environment carries every setting (CLI flags included) into the spawned process.
     # uvicorn returns (instead of raising) when the app's start-up fails.
-    if not server.started:
+    if not serve(Settings(), uvicorn_kwargs, sockets=[sock]):
         sys.exit(3)
 
 
 def run_workers(workers: int, uvicorn_kwargs: dict[str, Any], grace_s: float) -> int:
-    """Spawn ``workers`` servers and supervise them; the exit status for ``python -m service``."""
+    """Spawn ``workers`` servers and supervise them; the exit status for ``python -m service``.
+
+    ``grace_s``: how long a worker may take to stop after SIGTERM (drain delay + graceful
+    shutdown) before it is killed, ``KILL_AFTER_GRACE_S`` later.
+    """
     host, port = uvicorn_kwargs["host"], uvicorn_kwargs["port"]
     try:
         check_port_free(host, port)

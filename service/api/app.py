@@ -20,6 +20,7 @@ import sepconv
 from service.api.errors import install_error_handlers
 from service.api.middleware import BodySizeLimitMiddleware, MetricsMiddleware
 from service.api.routes import classify, cost, health, models, oip
+from service.drain import ConnectionCloseMiddleware, Drain
 from service.engine.batcher import Batcher
 from service.engine.classifier import Classifier
 from service.engine.observer import EngineObserver
@@ -54,6 +55,7 @@ def load_runtime(settings: Settings, observer: EngineObserver | None = None) -> 
         intra_op_threads=settings.resolved_intra_op_threads,
         inter_op_threads=settings.inter_op_threads,
         spinning=settings.ort_spinning,
+        name=settings.model_name,
         **({"observer": observer} if observer is not None else {}),
     )
 
@@ -121,8 +123,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         mark_process_dead()
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, drain: Drain | None = None) -> FastAPI:
+    """The app; ``drain`` is shared with the server that starts it on SIGTERM (service.drain)."""
     settings = settings or Settings()
+    drain = drain or Drain()
     app = FastAPI(
         title="sepconv-serve",
         version=sepconv.__version__,
@@ -131,10 +135,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.ready = False
+    app.state.drain = drain
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
     # Added last = outermost: metrics time everything, body-limit 413s included.
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware)
+    app.add_middleware(ConnectionCloseMiddleware, drain=drain)
     return app

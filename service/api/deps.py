@@ -16,7 +16,9 @@ from service.settings import Settings
 
 
 def is_ready(request: Request) -> bool:
-    return bool(getattr(request.app.state, "ready", False))
+    """Readiness for load balancers: loaded and warm, and not draining (service.drain)."""
+    state = request.app.state
+    return bool(getattr(state, "ready", False)) and not state.drain.draining
 
 
 def require_ready(state) -> tuple[Classifier, Settings]:

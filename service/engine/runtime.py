@@ -44,6 +44,39 @@ def choose_providers(provider: str) -> list[str]:
     raise ModelLoadError(f"unknown provider {provider!r}; expected auto, cpu or cuda")
 
 
+#: The file a folder is served from when it holds several .onnx files: what the build writes.
+DEFAULT_MODEL_FILE = "model.onnx"
+
+
+def find_model_file(path: str | Path) -> Path:
+    """The ONNX file to serve: ``path`` itself, or the model in the folder ``path``.
+
+    A folder is how KServe hands a model over (its storage initializer fills /mnt/models with
+    whatever the storageUri holds): ``model.onnx`` is taken when present (a build's output
+    folder also holds ``model.int8.onnx``), else the folder's only ``.onnx`` file.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"model file {path} does not exist; build one with `python -m model build` or set "
+            "SEPCONV_MODEL_PATH"
+        )
+    if (path / DEFAULT_MODEL_FILE).is_file():
+        return path / DEFAULT_MODEL_FILE
+    found = sorted(p for p in path.iterdir() if p.suffix == ".onnx" and p.is_file())
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ModelLoadError(f"the model folder {path} holds no .onnx file")
+    names = ", ".join(p.name for p in found)
+    raise ModelLoadError(
+        f"the model folder {path} holds several .onnx files ({names}) and no "
+        f"{DEFAULT_MODEL_FILE}; set SEPCONV_MODEL_PATH to one of them"
+    )
+
+
 class ModelRuntime:
     """A loaded model: ``spec`` from its metadata, ``providers`` that really run it."""
 
@@ -56,14 +89,10 @@ class ModelRuntime:
         inter_op_threads: int = 1,
         spinning: bool = False,
         observer: EngineObserver = NULL_OBSERVER,
+        name: str | None = None,
     ) -> None:
-        self.path = Path(path)
+        self.path = find_model_file(path)
         self.observer = observer
-        if not self.path.is_file():
-            raise ModelLoadError(
-                f"model file {self.path} does not exist; build one with "
-                "`python -m model build` or set SEPCONV_MODEL_PATH"
-            )
         # Read once: the session, the spec and the cost report all describe these exact bytes,
         # even if the file is replaced while the server runs.
         self.model_bytes = self.path.read_bytes()
@@ -71,6 +100,10 @@ class ModelRuntime:
             self.spec: ModelSpec = spec_from_bytes(self.model_bytes, str(self.path))
         except SpecError as exc:
             raise ModelLoadError(f"cannot serve {self.path}: {exc}") from exc
+        if name:
+            # Served under another name (KServe: the InferenceService's); everything that names
+            # the model reads this spec, so every protocol agrees on it.
+            self.spec = self.spec.model_copy(update={"name": name})
 
         requested = choose_providers(provider)
         opts = ort.SessionOptions()
