@@ -16,6 +16,7 @@ Prometheus in the container end-to-end test (deploy/e2e_check.py).
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import re
@@ -333,6 +334,82 @@ def test_model_image_dockerfile_lints_clean():
         text=True,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --------------------------------------------------------------------------- the service's view
+
+
+def settings_of(docs: list[dict], monkeypatch):
+    """The Settings the API container would start with (the ConfigMap over the defaults)."""
+    from service.settings import Settings
+
+    for key in [k for k in os.environ if k.startswith("SEPCONV_")]:
+        monkeypatch.delenv(key)
+    env = settings_env(docs)
+    fields = {f"SEPCONV_{name.upper()}" for name in Settings.model_fields}
+    unknown = sorted(k for k in env if k.startswith("SEPCONV_") and k not in fields)
+    assert not unknown, f"not settings (the server would ignore them): {unknown}"
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return Settings()  # validates every value, as the server does at start-up
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_configmap_holds_valid_settings(rendered, overlay, monkeypatch):
+    settings = settings_of(rendered[overlay], monkeypatch)
+    api = api_container(rendered[overlay])
+    ports = {p["name"]: p["containerPort"] for p in api["ports"]}
+    assert settings.host == "0.0.0.0" and ports["http"] == settings.port
+    assert settings.intra_op_threads > 0  # a CPU limit does not show in the affinity mask
+
+
+def prestop_seconds(container: dict) -> float:
+    """How long the container's preStop hook holds SIGTERM back (0 without one)."""
+    hook = container.get("lifecycle", {}).get("preStop")
+    if not hook:
+        return 0.0
+    if "sleep" in hook:
+        return float(hook["sleep"]["seconds"])
+    command = hook.get("exec", {}).get("command", [])
+    if len(command) == 2 and command[0].endswith("sleep"):
+        return float(command[1])
+    raise AssertionError(f"a preStop hook of unknown duration: {hook}")
+
+
+def shutdown_budget(docs: list[dict], settings) -> tuple[float, float]:
+    """(seconds a stopping pod may need, terminationGracePeriodSeconds)."""
+    from service.supervisor import KILL_AFTER_GRACE_S
+
+    spec = deployment(docs)["spec"]["template"]["spec"]
+    # preStop, then SIGTERM: the drain delay, the graceful window for open requests, and the
+    # supervisor's margin before it kills a worker that overran (which ends the pod anyway).
+    needed = (
+        prestop_seconds(api_container(docs))
+        + settings.drain_delay_s
+        + settings.graceful_shutdown_s
+        + KILL_AFTER_GRACE_S
+    )
+    return needed, float(spec.get("terminationGracePeriodSeconds", 30))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_shutdown_sequence_fits_the_grace_period(rendered, overlay, monkeypatch):
+    docs = rendered[overlay]
+    settings = settings_of(docs, monkeypatch)
+    needed, grace = shutdown_budget(docs, settings)
+    assert needed <= grace, f"drain + shutdown need {needed} s, the pod gets {grace} s"
+    # The readiness probe must see the 503 before the server stops accepting.
+    probe = api_container(docs)["readinessProbe"]
+    assert settings.drain_delay_s > probe["periodSeconds"] * probe["failureThreshold"]
+
+
+def test_shutdown_budget_counts_a_prestop_sleep(rendered, monkeypatch):
+    docs = copy.deepcopy(rendered["cpu"])
+    settings = settings_of(docs, monkeypatch)
+    needed, grace = shutdown_budget(docs, settings)
+    api_container(docs)["lifecycle"] = {"preStop": {"sleep": {"seconds": 20}}}
+    longer, _ = shutdown_budget(docs, settings)
+    assert longer == needed + 20 > grace
 
 
 # --------------------------------------------------------------------------- autoscaling
