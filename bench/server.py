@@ -70,12 +70,14 @@ class ServerProcess:
         log_path: Path,
         *,
         host: str = "127.0.0.1",
+        port: int | None = None,
         ready_timeout_s: float = 120.0,
         cwd: Path | None = None,
     ):
         self.model_path = Path(model_path)
         self.host = host
-        self.port = free_port(host)
+        # A fixed port restarts a server where a load balancer expects it (bench/rolling.py).
+        self.port = port or free_port(host)
         self.log_path = Path(log_path)
         self.ready_timeout_s = ready_timeout_s
         #: Run ``python -m service`` from this checkout (another commit, for an A/B run).

@@ -19,6 +19,8 @@ command -v promtool >/dev/null || need_apt+=(prometheus)
 # The end-to-end compose test (tests/test_deploy.py): a private Docker engine and a base image.
 command -v dockerd >/dev/null || need_apt+=(docker.io)
 command -v debootstrap >/dev/null || need_apt+=(debootstrap)
+# The zero-loss rolling update test (tests/test_rolling_update.py): a real load balancer.
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need_apt[*]}"
   as_root apt-get update -qq
