@@ -123,6 +123,12 @@ stamp api_healthy_s
 
 api_uid=$("$DOCKER" exec "$api_id" id -u)
 [ "$api_uid" != 0 ] || { echo "e2e: the api runs as root" >&2; exit 1; }
+# The API serves (both workers, shared metrics) with a read-only root: only /tmp is writable.
+if "$DOCKER" exec "$api_id" python -c "open('/app/probe', 'w')" 2>/dev/null; then
+  echo "e2e: the api's root filesystem is writable (compose.e2e.yml sets read_only)" >&2; exit 1
+fi
+"$DOCKER" exec "$api_id" python -c "import tempfile; tempfile.TemporaryFile()" \
+  || { echo "e2e: /tmp is not writable in the api container" >&2; exit 1; }
 
 "$PYTHON" deploy/e2e_check.py --api http://127.0.0.1:18000 --prometheus http://127.0.0.1:19090 \
   --dashboard deploy/grafana/dashboards/sepconv.json --k8s deploy/k8s --out "$run_dir/check.json"
@@ -137,9 +143,13 @@ exit_code=$("$DOCKER" inspect -f '{{.State.ExitCode}}' "$api_id")
 # Logs into a variable first: under pipefail, `docker logs | grep -q` fails at random when grep
 # exits on the first match while docker is still writing (SIGPIPE).
 api_logs=$("$DOCKER" logs "$api_id" 2>&1)
+# compose.e2e.yml sets a 2 s drain: the stop takes at least that, then both workers shut down.
+shutdowns=$(grep -c "Application shutdown complete" <<<"$api_logs" || true)
 if { [ "$exit_code" != 0 ] && [ "$exit_code" != 143 ]; } || [ "$stop_s" -ge 15 ] \
-   || [[ "$api_logs" != *"Application shutdown complete"* ]]; then
-  echo "e2e: api did not shut down gracefully on SIGTERM (exit $exit_code after ${stop_s}s)" >&2
+   || [ "$stop_s" -lt 2 ] || [ "$shutdowns" != 2 ] \
+   || [[ "$api_logs" != *"SIGTERM: draining for 2.0 s"* ]]; then
+  echo "e2e: api did not drain and shut down on SIGTERM (exit $exit_code after ${stop_s}s," \
+    "$shutdowns worker shutdowns)" >&2
   exit 1
 fi
 echo "e2e: api shut down gracefully on SIGTERM in ${stop_s}s (exit $exit_code)"
