@@ -213,6 +213,7 @@ def run(
         "SEPCONV_LOG_LEVEL": "info",
     }
     env_a = {**env, "SEPCONV_WORKERS": "2"}
+    env = {**env, "SEPCONV_WORKERS": "1"}
     log_a = workdir / "replica-a.log"
     a = ServerProcess(model_path, env_a, log_a, ready_timeout_s=60)
     b = ServerProcess(model_path, env, workdir / "replica-b.log", ready_timeout_s=60)

@@ -113,6 +113,6 @@ def test_the_serving_runtime_configures_this_server(monkeypatch):
     assert settings.host == "0.0.0.0" and settings.port == 8080
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"]["port"] == settings.port
-    threads = settings.workers * settings.lanes * settings.intra_op_threads
+    threads = settings.resolved_workers * settings.lanes * settings.intra_op_threads
     resources = container["resources"]
     assert resources["requests"]["cpu"] == resources["limits"]["cpu"] == str(threads)
