@@ -216,9 +216,10 @@ def main() -> int:
                 f"{name} must give one series per pod: {result}",
             )
         scaling[name] = float(result[0]["value"][1])
-    # The queries take one off per pod for the scrape that reads the gauge: the raw gauge never
-    # drops below 1, because the /metrics request is itself in flight while it is rendered.
-    floor = prom_query(prom, "min_over_time(sepconv_http_requests_in_flight[5m])")
+    # The queries take one off per pod for the scrape that reads the gauge: summed over the
+    # pod's workers (one series each, by pid) it never drops below 1, because the /metrics
+    # request is itself in flight, in one of them, while it is rendered.
+    floor = prom_query(prom, "min_over_time(sum by (pod) (sepconv_http_requests_in_flight)[5m:2s])")
     expect(
         floor and min(float(r["value"][1]) for r in floor) >= 1,
         f"in-flight gauge seen below 1: {floor}",
