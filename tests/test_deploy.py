@@ -319,4 +319,6 @@ def test_end_to_end_compose_stack(tmp_path):
     assert checks["dashboard_queries_with_data"] == len(dashboard_targets())
     assert checks["model_info"]["provider"] == "CPUExecutionProvider"
     assert checks["overload_status"] == 429
+    # The prometheus-adapter rule and the KEDA query of deploy/k8s, run in Prometheus.
+    assert len(checks["autoscaling_queries"]) >= 2
     assert result["api_uid"] != 0
