@@ -294,13 +294,16 @@ def plot_rss(model: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 3.5))
     ts = [t for t, _ in model["rss_curve"]]
     ax.plot(ts, [mb for _, mb in model["rss_curve"]], lw=1.2)
-    for t, label in model["rss_marks"]:
+    peak = max((mb for _, mb in model["rss_curve"]), default=1.0)
+    for i, (t, label) in enumerate(model["rss_marks"]):
         ax.axvline(t, color="grey", lw=0.6, ls="--")
-        ax.text(t, ax.get_ylim()[1], f" {label}", fontsize=7, va="top", rotation=90)
+        # Staggered: phases that start seconds apart would print over each other.
+        ax.text(t, peak * (1.18 - 0.07 * (i % 3)), f" {label}", fontsize=7, va="top")
     ax.set_xlabel("seconds")
     ax.set_ylabel("server RSS (MB)")
     ax.set_title(f"{model['key']} model: server resident memory under overload")
-    ax.set_ylim(bottom=0)
+    peak = max((mb for _, mb in model["rss_curve"]), default=1.0)
+    ax.set_ylim(0, peak * 1.2)  # room above the curve for the phase labels
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
