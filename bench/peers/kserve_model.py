@@ -8,8 +8,10 @@ project's own, so only the serving stack differs from sepconv-serve.
 
 Requests, as KServe documents them for images:
 
-- OIP v2, ``POST /v2/models/{name}/infer``: one BYTES input holding the encoded images, base64
-  strings in JSON (KServe's REST examples) or raw bytes with the binary tensor extension.
+- OIP v2, ``POST /v2/models/{name}/infer``: one BYTES input holding the encoded images as
+  base64 strings in JSON, as KServe's REST examples send them (raw bytes over gRPC). The binary
+  tensor extension is no way round the base64: KServe 0.21's REST decoder turns binary BYTES
+  back into JSON strings and answers 500 for any element that is not UTF-8, so for an image.
   A requested output with ``parameters.classification: k`` gets Triton's ``"score:index:label"``
   strings, top k per image (the same contract sepconv-serve's OIP endpoint keeps); without it,
   the FP32 probabilities.
@@ -93,7 +95,7 @@ class OnnxImageClassifier(Model):
 
 
 def _decode_element(item, where: str) -> bytes:
-    if isinstance(item, bytes):  # binary tensor extension or gRPC: the raw file
+    if isinstance(item, bytes):  # gRPC: the raw file
         return item
     if isinstance(item, str):  # JSON cannot carry bytes: KServe's examples send base64
         try:
