@@ -43,11 +43,13 @@ ALL = (*contenders.SERVERS, "raw")
 SHOWN_SETTINGS = (
     "workers",
     "lanes",
-    "resolved_intra_op_threads",
+    "intra_op_threads",
     "ort_spinning",
     "max_batch_size",
     "max_wait_ms",
     "max_queue_size",
+    "max_queue_delay_ms",
+    "inline_inference_max_ms",
 )
 
 
@@ -148,7 +150,7 @@ def measure_server(
                     "server": server,
                     "protocol": protocol,
                     "startup_s": round(srv.startup_s, 2),
-                    "workers": srv.announced_workers(),
+                    "workers": srv.workers,
                     "points": points,
                 }
             )
@@ -227,13 +229,17 @@ def _commit() -> str:
 
 
 def sepconv_defaults() -> tuple[str, dict[str, Any]]:
+    """The settings sepconv-serve resolves with no flags: a short line, and all of them."""
     from service.settings import Settings
 
     settings = Settings()
     shown = []
     for name in SHOWN_SETTINGS:
-        if hasattr(settings, name):
-            shown.append(f"{name.removeprefix('resolved_')} {getattr(settings, name)}")
+        if not hasattr(settings, name):
+            continue  # a setting renamed or gone: the JSON still has the full list
+        value = getattr(settings, name)
+        resolved = getattr(settings, f"resolved_{name}", value)
+        shown.append(f"{name} {value}" + (f" ({resolved})" if resolved != value else ""))
     return ", ".join(shown), json.loads(settings.model_dump_json())
 
 

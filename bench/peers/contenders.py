@@ -67,7 +67,9 @@ def start(
     path = str(model.path.resolve())
     if server == "sepconv":
         argv = [sys.executable, "-m", "service", "--model-path", path, "--port", str(port)]
-        return ManagedServer(argv, port, "/readyz", log_path, env=child_env())
+        return ManagedServer(
+            argv, port, "/readyz", log_path, env=child_env(), workers=sepconv_workers(model)
+        )
     if server == "fastapi":
         argv = [sys.executable, "-m", "uvicorn", "bench.peers.plain_fastapi:create_app"]
         argv += ["--factory", "--host", "127.0.0.1", "--port", str(port)]
@@ -82,6 +84,14 @@ def start(
         ready = f"/v2/models/{model.spec.name}/ready"
         return ManagedServer(argv, port, ready, log_path, env=child_env())
     raise ValueError(f"unknown server {server!r}; expected one of {', '.join(SERVERS)}")
+
+
+def sepconv_workers(model: BenchModel) -> int:
+    """How many worker processes sepconv-serve will start with no settings, as it decides."""
+    from service.settings import Settings
+
+    settings = Settings(model_path=model.path)
+    return getattr(settings, "resolved_workers", settings.workers)
 
 
 def oip_json_body(image: bytes, top_k: int = TOP_K) -> bytes:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import subprocess
 import time
@@ -18,9 +17,6 @@ import urllib.request
 from pathlib import Path
 
 from bench.server import ServerError, listeners
-
-#: sepconv-serve's supervisor says how many workers it started (service/supervisor.py).
-_WORKERS_LINE = re.compile(rb"(\d+) workers on \S+:\d+")
 
 
 def http_status(url: str, timeout_s: float = 2.0) -> int | None:
@@ -36,9 +32,9 @@ def http_status(url: str, timeout_s: float = 2.0) -> int | None:
 class ManagedServer:
     """``with ManagedServer(argv, port, ready_path, log_path) as s:`` serves on ``s.port``.
 
-    Ready means ``ready_path`` answers 200 and the number of sockets listening on the port has
-    settled: a server with several workers (each its own SO_REUSEPORT socket) answers readiness
-    from the first one, and connections opened before the others listen all land on it.
+    Ready means ``ready_path`` answers 200 and ``workers`` sockets listen on the port: a
+    server with several workers (each its own SO_REUSEPORT socket) answers readiness from the
+    first one, and connections opened before the others listen would all land on it.
     """
 
     def __init__(
@@ -50,8 +46,8 @@ class ManagedServer:
         *,
         env: dict[str, str] | None = None,
         host: str = "127.0.0.1",
+        workers: int = 1,
         ready_timeout_s: float = 180.0,
-        settle_s: float = 1.0,
     ):
         self.argv = argv
         self.port = port
@@ -59,8 +55,8 @@ class ManagedServer:
         self.ready_path = ready_path
         self.log_path = Path(log_path)
         self.env = env
+        self.workers = workers
         self.ready_timeout_s = ready_timeout_s
-        self.settle_s = settle_s
         self.proc: subprocess.Popen[bytes] | None = None
         self.startup_s = float("nan")
 
@@ -94,7 +90,6 @@ class ManagedServer:
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.ready_timeout_s
         url = self.base_url + self.ready_path
-        stable_since, last = None, -1
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
@@ -103,25 +98,14 @@ class ManagedServer:
                 )
             if http_status(url) == 200:
                 count = listeners(self.port)
-                if count != last:
-                    stable_since, last = time.monotonic(), count
-                expected = self.announced_workers()
-                settled = time.monotonic() - stable_since >= self.settle_s
-                # 0 listeners means no /proc/net/tcp to read: readiness rests on the URL alone.
-                if count == 0 or (count >= expected and settled):
+                # 0 means no /proc/net/tcp to read (not Linux): readiness rests on the URL alone.
+                if count == 0 or count >= self.workers:
                     return
             time.sleep(0.2)
         raise ServerError(
             f"{' '.join(self.argv[:3])} not ready after {self.ready_timeout_s:.0f} s:\n"
             f"{self.log_tail()}"
         )
-
-    def announced_workers(self) -> int:
-        with contextlib.suppress(OSError):
-            match = _WORKERS_LINE.search(self.log_path.read_bytes())
-            if match:
-                return int(match.group(1))
-        return 1
 
     def log_tail(self, lines: int = 30) -> str:
         with contextlib.suppress(OSError):
