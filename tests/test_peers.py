@@ -161,11 +161,13 @@ def test_aggregate_takes_the_median_over_rounds():
         _run("sepconv", "v1", 3.0, 1500.0, 1),
         _run("sepconv", "v1", 2.0, 1000.0, 2),
     ]
-    runs[1]["points"][1]["errors"] = 4
+    runs[1]["points"][1].update(errors=4, error_kinds={"http_429": 3, "timeout": 1})
     stats = results.aggregate(runs)["sepconv/v1"]
     assert stats[1]["p50_ms"] == 2.0 and (stats[1]["p50_ms_min"], stats[1]["p50_ms_max"]) == (1, 3)
     assert stats[32]["req_per_s"] == 1000.0 and stats[32]["rounds"] == 3
     assert stats[32]["errors"] == 4
+    assert stats[32]["error_kinds"] == {"http_429": 3, "timeout": 1}
+    assert results._errors(stats) == "4 (http_429 3, timeout 1)"
 
 
 def test_ratios_and_which_targets_bind():

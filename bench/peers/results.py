@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import Counter
 from typing import Any
 
 from bench.peers.contenders import TITLES
@@ -80,6 +81,9 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, float
                 "p50_ms_max": max(p50s),
                 "p99_ms": statistics.median(p["p99_ms"] for p in points),
                 "errors": sum(p["errors"] for p in points),
+                "error_kinds": dict(
+                    sum((Counter(p.get("error_kinds") or {}) for p in points), Counter())
+                ),
                 "rounds": len(points),
             }
     return out
@@ -163,6 +167,17 @@ def _spread(stats: dict[str, float], field: str, digits: int) -> str:
     return text
 
 
+def _errors(stats: dict[int, dict[str, Any]]) -> str:
+    """Total non-2xx answers and failures over every point, by kind (``http_429`` etc.)."""
+    kinds: Counter[str] = Counter()
+    for s in stats.values():
+        kinds.update(s.get("error_kinds") or {})
+    total = sum(s["errors"] for s in stats.values())
+    if not kinds:
+        return str(total)
+    return f"{total} (" + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())) + ")"
+
+
 def markdown(results: dict[str, Any]) -> str:
     env = results["environment"]
     lines = [
@@ -212,7 +227,7 @@ def markdown(results: dict[str, Any]) -> str:
                 cells += [_spread(s, "p50_ms", 2), _spread(s, "req_per_s", 0)] if s else ["-"] * 2
             last = stats.get(levels[-1]) if levels else None
             cells += [_fmt(last["p99_ms"], 2) if last else "-"]
-            cells += [str(sum(s["errors"] for s in stats.values()))]
+            cells += [_errors(stats)]
             lines.append("| " + " | ".join(cells) + " |")
         if model.get("raw"):
             lines += [
