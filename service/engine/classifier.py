@@ -36,7 +36,7 @@ class Classifier:
         *,
         max_pixels: int,
         inline_decode_max_pixels: int,
-        max_queue_delay_s: float = 0.1,
+        max_queue_delay_s: float = 0.5,
         observer: EngineObserver = NULL_OBSERVER,
     ) -> None:
         self.runtime = runtime
