@@ -127,6 +127,14 @@ class Settings(BaseSettings):
         "large inputs; 1 lane with multi-threaded ORT the lowest single-request latency.",
     )
     max_batch_size: int = Field(32, ge=1, description="Most images in one ORT run.")
+    inference_nice: int = Field(
+        0,
+        ge=0,
+        le=19,
+        description="Nice value of the inference threads (Linux): above 0, the event loop "
+        "(admission, refusals, decoding) runs first when both want a core. ORT's own pool "
+        "threads (intra-op threads > 1) keep the process's priority.",
+    )
     max_wait_ms: float = Field(
         2.0,
         ge=0,

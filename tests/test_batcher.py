@@ -324,3 +324,27 @@ def test_stop_fails_requests_of_batches_still_running():
             await pending
 
     run(body())
+
+
+def test_inference_threads_can_yield_to_the_event_loop():
+    import os
+    import threading
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    seen = []
+
+    def model(x):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return x.reshape(len(x), -1)
+
+    async def body():
+        b = Batcher(model, inference_nice=5)
+        b.start()
+        try:
+            await b.submit(_image(1))
+        finally:
+            await b.stop()
+
+    run(body())
+    assert seen == [min(base + 5, 19)]
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the loop's thread is untouched

@@ -79,6 +79,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         item_shape=runtime.input_shape,
         lanes=settings.lanes,
         inline_max_s=settings.inline_inference_max_ms / 1000,
+        inference_nice=settings.inference_nice,
         observer=observer,
     )
     # Admission control predicts waits from the measured time per image; until requests have

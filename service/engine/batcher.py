@@ -22,6 +22,8 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -65,6 +67,20 @@ class BatchFailedError(InferenceFailed):
     """The model run for the batch holding this request failed (a server fault)."""
 
 
+def _lower_thread_priority(nice: int) -> None:
+    """Make the calling (inference) thread yield to the event loop when both want a core.
+
+    Linux gives each thread its own nice value; with one ORT thread per worker, ORT computes on
+    this thread, so refusals and decoding on the event loop are not queued behind a batch.
+    """
+    if nice <= 0:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError) as exc:  # not Linux, or not permitted: run as is
+        log.warning("cannot lower the inference thread's priority: %s", exc)
+
+
 #: (input, the caller's future, monotonic arrival time, the request's context or None)
 _Item = tuple[np.ndarray, asyncio.Future, float, RequestContext | None]
 
@@ -83,6 +99,7 @@ class Batcher:
         item_shape: tuple[int, ...] | None = None,
         lanes: int = 1,
         inline_max_s: float = 0.0,
+        inference_nice: int = 0,
         observer: EngineObserver = NULL_OBSERVER,
     ) -> None:
         if (
@@ -108,7 +125,12 @@ class Batcher:
         self.lanes = lanes
         self._lane_free = asyncio.Semaphore(lanes)
         self._in_flight: set[asyncio.Task] = set()
-        self._executor = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="sepconv-infer")
+        self._executor = ThreadPoolExecutor(
+            max_workers=lanes,
+            thread_name_prefix="sepconv-infer",
+            initializer=_lower_thread_priority,
+            initargs=(inference_nice,),
+        )
         self._worker: asyncio.Task | None = None
         self._running = 0  # images in batches that are running now
         #: Recent seconds of model time per image in one lane (an EWMA over batches); None until
