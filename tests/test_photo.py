@@ -252,3 +252,69 @@ def test_a_bad_large_image_fails_the_request_naming_it():
             )
     finally:
         pool.close()
+
+
+# ------------------------------------------------------------------ bench workload
+
+
+def test_bench_photos_are_seeded_and_photo_sized(big_jpeg):
+    from service.settings import Settings
+
+    assert photo_jpeg(4000, 3000, seed=1) == big_jpeg
+    assert 1_000_000 < len(big_jpeg) < Settings().max_body_bytes  # a few MB, under the limit
+    assert photo_jpeg(64, 48, seed=1) != photo_jpeg(64, 48, seed=2)
+    img = Image.open(io.BytesIO(big_jpeg))
+    assert (img.format, img.size, img.mode) == ("JPEG", (4000, 3000), "RGB")
+
+
+def test_bench_photo_flags(tmp_path):
+    from bench.__main__ import parse_args
+
+    args = parse_args(["--photos"])
+    assert (args.models, args.concurrency, args.duration) == ("224,default", [8], 10.0)
+    assert args.photo_sizes == [(1280, 960), (4000, 3000)] and args.compare_tree is None
+    assert parse_args(["--photos", "--photo-sizes", "64x48"]).photo_sizes == [(64, 48)]
+    assert parse_args([]).models == "default,int8,224"  # the sweep keeps its defaults
+    with pytest.raises(SystemExit):
+        parse_args(["--photos", "--photo-sizes", "64"])
+    with pytest.raises(SystemExit):
+        parse_args(["--photos", "--compare-tree", str(tmp_path)])  # no service/ there
+
+
+def test_bench_photos_against_a_second_tree(tiny_model_path):
+    """Both servers answer every photo; the report pairs the trees and gives the ratio."""
+    from bench.__main__ import parse_args
+    from bench.models import BenchModel
+    from bench.photos import bench_photos, markdown
+    from sepconv.spec import read_spec
+
+    model = BenchModel("default", "tiny", tiny_model_path, read_spec(str(tiny_model_path)), False)
+    args = parse_args(
+        ["--photos", "--photo-sizes", "96x64", "--concurrency", "2", "--duration", "30"]
+        + ["--warmup", "0", "--max-requests", "6", "--compare-tree", str(ROOT), "--rounds", "1"]
+    )
+    entry = bench_photos(model, args, {"SEPCONV_INTRA_OP_THREADS": "1"})
+    assert [(p["tree"], p["ok"], p["errors"]) for p in entry["points"]] == [
+        (str(ROOT), 6, 0),
+        ("this tree", 6, 0),
+    ]
+    (row,) = entry["summary"]
+    assert (row["size"], row["concurrency"]) == ("96x64", 2) and row["ratio"] > 0
+    env = {
+        "command": "python -m bench --photos",
+        "date": "today",
+        "cpu": "cpu",
+        "cores": 2,
+        "load_before": "0",
+        "server_settings": "defaults",
+        "service_module": "service/__init__.py",
+        "compare_service_module": "old/service/__init__.py",
+        "compare_tree": str(ROOT),
+        "rounds": 1,
+        "duration_s": 30,
+        "warmup_s": 0,
+    }
+    text = markdown({"environment": env, "models": [entry]})
+    size = f"{row['this']['mean_bytes'] / 1e3:.0f} kB"
+    assert f"| 96x64 | {size} | 2 | {row['compare']['img_per_s'][0]:,.1f} |" in text
+    assert f"**{row['ratio']:.2f}x**" in text
