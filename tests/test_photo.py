@@ -318,3 +318,21 @@ def test_bench_photos_against_a_second_tree(tiny_model_path):
     size = f"{row['this']['mean_bytes'] / 1e3:.0f} kB"
     assert f"| 96x64 | {size} | 2 | {row['compare']['img_per_s'][0]:,.1f} |" in text
     assert f"**{row['ratio']:.2f}x**" in text
+
+
+def test_photo_summary_pairs_the_trees_round_by_round():
+    from bench.photos import summarize
+
+    def point(tree, rnd, rate):
+        return {"round": rnd, "tree": tree, "size": "4000x3000", "concurrency": 8,
+                "req_per_s": rate, "p99_ms": 1000 / rate, "errors": 0, "mean_bytes": 3}  # fmt: skip
+
+    points = [
+        point("old", 1, 3.0), point("this tree", 1, 7.5),
+        point("old", 2, 4.0), point("this tree", 2, 10.0),
+        point("old", 3, 4.0), point("this tree", 3, 7.0),
+    ]  # fmt: skip
+    (row,) = summarize(points, "old")
+    assert row["round_ratios"] == [2.5, 2.5, 1.75]
+    assert row["ratio"] == 2.5  # the median round, not 7.5 / 4.0 from the medians
+    assert (row["this"]["median_img_per_s"], row["compare"]["median_img_per_s"]) == (7.5, 4.0)
