@@ -7,6 +7,9 @@ server, and check the targets. Writes ``docs/bench_results.md``, ``docs/bench_re
 and ``docs/bench_<model>.png``.
 
 Every point is bounded by ``--duration`` and ``--max-requests``; the whole run by their sum.
+
+``--overload`` and ``--photos`` run other workloads instead (:mod:`bench.overload`,
+:mod:`bench.photos`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import loadgen, overload, raw_ort, report
+from bench import loadgen, overload, photos, raw_ort, report
 from bench.models import (
     BenchModel,
     custom_model,
@@ -56,6 +59,7 @@ QUICK: dict[str, Any] = {
     "raw_duration": 1.5,
     "open_fractions": [0.5],
 }
+PHOTOS: dict[str, Any] = {"concurrency": [8], "duration": 10.0, "warmup": 2.0}
 
 
 def _ints(text: str) -> list[int]:
@@ -70,6 +74,16 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _sizes(text: str) -> list[tuple[int, int]]:
+    try:
+        sizes = [photos.parse_size(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    if not sizes:
+        raise argparse.ArgumentTypeError("expected at least one WIDTHxHEIGHT")
+    return sizes
+
+
 def _floats(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",") if v.strip()]
@@ -81,10 +95,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--models",
-        default="default,int8,224",
         help="comma-separated: 'default' (artifacts/model.onnx, else an untrained export of "
         "its configuration), 'int8' (artifacts/model.int8.onnx, else the default quantized "
-        "here), '224' (untrained alpha=1 224x224 1000 classes) or ONNX paths",
+        "here), '224' (untrained alpha=1 224x224 1000 classes) or ONNX paths "
+        "(default,int8,224; with --photos 224,default)",
     )
     p.add_argument("--concurrency", type=_ints, help=f"closed-loop levels ({DEFAULT_CONCURRENCY})")
     p.add_argument("--duration", type=float, help="measured seconds per point (5)")
@@ -158,7 +172,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ov.add_argument(
         "--soak", type=float, default=0.0, help="then SECONDS more at the first factor (RSS curve)"
     )
+    photo = p.add_argument_group("photos (--photos; see bench/photos.py)")
+    photo.add_argument(
+        "--photos",
+        action="store_true",
+        help="instead of the sweep: generated camera-sized JPEGs through /v1/classify "
+        "(c=8, 10 s points unless set)",
+    )
+    photo.add_argument(
+        "--photo-sizes",
+        type=_sizes,
+        default=list(photos.PHOTO_SIZES),
+        help="comma-separated WIDTHxHEIGHT (1280x960,4000x3000)",
+    )
+    photo.add_argument(
+        "--compare-tree",
+        type=Path,
+        help="also serve from this checkout, in rounds alternating with --server-tree (or "
+        "this tree), and report the throughput ratio",
+    )
+    photo.add_argument(
+        "--rounds", type=int, default=2, help="alternating rounds with --compare-tree (2)"
+    )
     args = p.parse_args(argv)
+    if args.compare_tree is not None and not (args.compare_tree / "service").is_dir():
+        p.error(f"--compare-tree {args.compare_tree}: no service/ package there")
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
+    args.models = args.models or ("224,default" if args.photos else "default,int8,224")
+    if args.photos:
+        for key, value in PHOTOS.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
     # Explicit flags win over both presets.
     preset = QUICK if args.quick else FULL
     for key, value in preset.items():
@@ -415,6 +460,10 @@ def main(argv: list[str] | None = None) -> int:
             + args.soak
             + args.overload_idle
         )
+    if args.photos:
+        servers = (2 * args.rounds) if args.compare_tree else 1
+        points = servers * len(args.photo_sizes) * len(args.concurrency)
+        bound = len(models) * points * (args.duration + args.warmup)
     log.info("%d model(s), at most ~%.0f s of load plus server start-ups", len(models), bound)
     base_settings = settings_for(models[0], env) if models else Settings()
     results: dict[str, Any] = {
@@ -438,10 +487,14 @@ def main(argv: list[str] | None = None) -> int:
         },
         "models": [],
     }
+    if args.photos:
+        results["environment"] |= photos.environment(args)
     started = time.perf_counter()
     try:
         for model in models:
-            if args.overload:
+            if args.photos:
+                entry = photos.bench_photos(model, args, env)
+            elif args.overload:
                 entry = overload.run_model(model, args, env, settings_for(model, env), target_for)
             else:
                 entry = bench_model(model, args, env)
@@ -450,6 +503,13 @@ def main(argv: list[str] | None = None) -> int:
         log.error("server failed: %s", exc)
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.photos:
+        name = "photos" if args.name == "bench" else args.name
+        md_path = args.out / f"{name}_results.md"
+        md_path.write_text(photos.markdown(results))
+        (args.out / f"{name}_results.json").write_text(json.dumps(results, indent=2) + "\n")
+        log.info("wrote %s in %.0f s", md_path, time.perf_counter() - started)
+        return 0
     if args.overload:
         name = "overload" if args.name == "bench" else args.name
         md_path = args.out / f"{name}_results.md"

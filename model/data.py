@@ -254,7 +254,7 @@ def _decode_file(path: Path, pixels: Preprocessing) -> np.ndarray:
     except OSError as exc:
         raise DataError(f"{path}: cannot read: {exc}") from exc
     try:
-        return preprocess.prepare(preprocess.decode(data, max_pixels=MAX_PIXELS), pixels)
+        return preprocess.prepare(preprocess.decode(data, pixels, max_pixels=MAX_PIXELS), pixels)
     except preprocess.ImageError as exc:
         raise DataError(f"{path}: {exc}") from exc
 

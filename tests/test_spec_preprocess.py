@@ -74,7 +74,8 @@ def test_unusual_modes_decode_to_model_mode(mode, pixel):
     img = Image.new(mode, (6, 6), pixel)
     buf = io.BytesIO()
     img.save(buf, format="TIFF" if mode in ("CMYK", "I;16") else "PNG")
-    arr = prepare(decode(buf.getvalue(), max_pixels=10_000), _spec(input_size=6))
+    spec = _spec(input_size=6)
+    arr = prepare(decode(buf.getvalue(), spec, max_pixels=10_000), spec)
     assert arr.shape == (6, 6, 1)
     expected = {"I;16": 255, "RGBA": 0, "CMYK": 255, "1": 255}
     if mode in expected:
@@ -87,19 +88,20 @@ def test_exif_orientation_is_applied():
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     buf = io.BytesIO()
     img.save(buf, format="JPEG", exif=exif.tobytes())
-    assert decode(buf.getvalue(), max_pixels=1000).size == (4, 8)
+    assert decode(buf.getvalue(), _spec(), max_pixels=1000).size == (4, 8)
 
 
 def test_decode_errors():
     good = png_bytes(np.zeros((50, 50), np.uint8))
+    spec = _spec()
     with pytest.raises(ImageError, match="empty"):
-        decode(b"", max_pixels=10_000)
+        decode(b"", spec, max_pixels=10_000)
     with pytest.raises(ImageError, match="identify"):
-        decode(b"not an image at all", max_pixels=10_000)
+        decode(b"not an image at all", spec, max_pixels=10_000)
     with pytest.raises(ImageError):
-        decode(good[: len(good) // 2], max_pixels=10_000)
+        decode(good[: len(good) // 2], spec, max_pixels=10_000)
     with pytest.raises(ImageTooLargeError, match="2500 pixels"):
-        decode(good, max_pixels=2499)
+        decode(good, spec, max_pixels=2499)
 
 
 @pytest.mark.parametrize(
@@ -111,31 +113,35 @@ def test_decode_errors():
         (2000, True),  # a flat 2000x2000 PNG is a few kB: bytes would say "small"
     ],
 )
-def test_decode_goes_to_a_thread_by_pixels_not_bytes(monkeypatch, size, threaded):
+def test_decode_goes_to_a_thread_by_pixels_not_bytes(size, threaded):
     import asyncio
 
     from service.engine import decode as pipeline
     from service.settings import Settings
 
     calls = []
-    real = asyncio.to_thread
 
-    async def spy(fn, *args, **kw):
-        calls.append(fn)
-        return await real(fn, *args, **kw)
+    class SpyPool(pipeline.DecodePool):
+        def submit(self, fn, *args):
+            calls.append(fn)
+            return super().submit(fn, *args)
 
-    monkeypatch.setattr(pipeline.asyncio, "to_thread", spy)
+    pool = SpyPool(2)
     blob = png_bytes(np.zeros((size, size), np.uint8))
     assert len(blob) < 16_384
     spec = _spec()
-    out = asyncio.run(
-        pipeline.preprocess_images_async(
-            [blob],
-            spec,
-            max_pixels=10**8,
-            inline_max_pixels=Settings().inline_decode_max_pixels,
+    try:
+        out = asyncio.run(
+            pipeline.preprocess_images_async(
+                [blob],
+                spec,
+                max_pixels=10**8,
+                inline_max_pixels=Settings().inline_decode_max_pixels,
+                pool=pool,
+            )
         )
-    )
+    finally:
+        pool.close()
     assert out.shape == (1, 1, spec.input_size, spec.input_size)
     assert bool(calls) is threaded
 
