@@ -23,20 +23,28 @@ module's SDK code is imported and the request path tests one attribute for None.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace as trace_api
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from service.engine.context import RequestContext
+from service.engine.observer import EngineObserver
+
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
 
 SERVICE_NAME = "sepconv-serve"
+#: The span of the HTTP request being handled (set by the request-id middleware while tracing
+#: is on), for the route to put in its RequestContext.
+current_trace: ContextVar[RequestTrace | None] = ContextVar("sepconv_trace", default=None)
 _PROPAGATOR = TraceContextTextMapPropagator()
 #: The headers / metadata keys the W3C propagator reads, lower case as HTTP/2 and ASGI give them.
 PROPAGATION_KEYS = frozenset(_PROPAGATOR.fields)
@@ -50,12 +58,14 @@ def monotonic_to_epoch_ns(t: float) -> int:
 class RequestTrace:
     """The spans of one request; lives in ``RequestContext.trace`` while the request runs."""
 
-    __slots__ = ("span", "_tracer", "_parent")
+    __slots__ = ("span", "_tracer", "_parent", "respond_from_ns")
 
     def __init__(self, tracer: trace_api.Tracer, span: trace_api.Span) -> None:
         self._tracer = tracer
         self.span = span
         self._parent = trace_api.set_span_in_context(span)
+        #: When the model's answer came back: the ``respond`` span runs from here to the end.
+        self.respond_from_ns: int | None = None
 
     @property
     def trace_id(self) -> str:
@@ -79,11 +89,16 @@ class RequestTrace:
         self.span.set_attribute(key, value)
 
     def end(self, error: str | None = None, attributes: Mapping[str, Any] | None = None) -> None:
+        """The response is out: the ``respond`` span (softmax, encoding, sending) and the
+        request span end now."""
+        now = time.time_ns()
+        if self.respond_from_ns is not None:
+            self.stage("respond", self.respond_from_ns, now)
         if attributes:
             self.span.set_attributes(attributes)
         if error is not None:
             self.span.set_status(Status(StatusCode.ERROR, error))
-        self.span.end()
+        self.span.end(end_time=now)
 
 
 class Tracing:
@@ -172,6 +187,44 @@ class Tracing:
     def shutdown(self) -> None:
         """Export what is buffered and stop (the lifespan calls it on shutdown)."""
         self.provider.shutdown()
+
+
+class TracingObserver(EngineObserver):
+    """The engine's hooks as stage spans of the requests whose context carries a
+    :class:`RequestTrace` (other requests cost a type check)."""
+
+    def __init__(self, tracing: Tracing) -> None:
+        self.tracing = tracing
+
+    def batch_finished(
+        self,
+        batch_id: int,
+        started: float,
+        ended: float,
+        rows: Sequence[tuple[RequestContext | None, float]],
+        error: str | None,
+    ) -> None:
+        traced = [
+            (ctx.trace, enqueued)
+            for ctx, enqueued in rows
+            if ctx is not None and isinstance(ctx.trace, RequestTrace)
+        ]
+        if traced:
+            self.tracing.batch(batch_id, started, ended, traced, error)
+
+    def request_finished(
+        self, ctx: RequestContext, started: float, seconds: float, error: BaseException | None
+    ) -> None:
+        trace = ctx.trace
+        if not isinstance(trace, RequestTrace):
+            return
+        if ctx.decode_s:
+            start_ns = monotonic_to_epoch_ns(started)
+            trace.stage("decode", start_ns, start_ns + int(ctx.decode_s * 1e9))
+        if error is None:
+            trace.respond_from_ns = monotonic_to_epoch_ns(started + seconds - ctx.postprocess_s)
+        elif not isinstance(error, asyncio.CancelledError):
+            trace.span.record_exception(error)
 
 
 def exporter_from_env() -> SpanExporter | None:

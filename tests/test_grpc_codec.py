@@ -13,11 +13,10 @@ from tritonclient.grpc import service_pb2 as triton_pb2
 from tritonclient.grpc._utils import _get_inference_request
 from tritonclient.utils import serialize_byte_tensor
 
-from service import oip
-from service.protocols import triton
+from sepconv.spec import ModelSpec
+from service.protocols import oip, triton
 from service.protocols.oip_grpc import codec
 from service.protocols.oip_grpc import inference_pb2 as pb
-from service.spec import ModelSpec
 
 LABELS = ["circle", "square", "cross"]
 SPEC = ModelSpec(

@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from service import logcontext, tracing
+from service import logs, tracing
 
 PARENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{PARENT_TRACE}-00f067aa0ba902b7-01"
@@ -169,14 +169,14 @@ def test_service_name_defaults_and_otel_service_name_wins(monkeypatch):
     ],
 )
 def test_request_id_is_kept_only_when_safe_to_log(given, kept):
-    got = logcontext.request_id_from(given)
+    got = logs.request_id_from(given)
     expected = given.decode() if isinstance(given, bytes) else given
     assert (got == expected) is kept
-    assert logcontext._ACCEPTED.fullmatch(got)
+    assert logs._ACCEPTED.fullmatch(got)
 
 
 def test_new_request_ids_are_unique():
-    assert len({logcontext.new_request_id() for _ in range(1000)}) == 1000
+    assert len({logs.new_request_id() for _ in range(1000)}) == 1000
 
 
 @pytest.fixture
@@ -186,7 +186,7 @@ def captured():
     saved_handlers, saved_level = root.handlers[:], root.level
 
     def configure(fmt):
-        logging.config.dictConfig(logcontext.logging_config("info", fmt))
+        logging.config.dictConfig(logs.logging_config("info", fmt))
         buffer = io.StringIO()
         root.handlers[0].setStream(buffer)
         return buffer
@@ -201,7 +201,7 @@ def test_every_line_carries_the_request_id_of_its_task(captured):
     log = logging.getLogger("service.test")
 
     async def handle(request_id: str) -> None:
-        logcontext.request_id_var.set(request_id)
+        logs.request_id_var.set(request_id)
         await asyncio.sleep(0)  # interleave the two requests
         log.info("handling")
         logging.getLogger("uvicorn.error").info("from uvicorn")
@@ -219,8 +219,8 @@ def test_every_line_carries_the_request_id_of_its_task(captured):
 
 def test_json_lines(captured):
     buffer = captured("json")
-    token = logcontext.request_id_var.set("r-1")
-    trace_token = logcontext.trace_id_var.set(PARENT_TRACE)
+    token = logs.request_id_var.set("r-1")
+    trace_token = logs.trace_id_var.set(PARENT_TRACE)
     try:
         logging.getLogger("service.test").warning("odd %s", "thing")
         try:
@@ -228,8 +228,8 @@ def test_json_lines(captured):
         except RuntimeError:
             logging.getLogger("service.test").exception("failed")
     finally:
-        logcontext.request_id_var.reset(token)
-        logcontext.trace_id_var.reset(trace_token)
+        logs.request_id_var.reset(token)
+        logs.trace_id_var.reset(trace_token)
     first, second = (orjson.loads(line) for line in buffer.getvalue().splitlines())
     assert first["message"] == "odd thing" and first["level"] == "WARNING"
     assert first["request_id"] == "r-1" and first["trace_id"] == PARENT_TRACE

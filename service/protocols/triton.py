@@ -13,10 +13,13 @@ parses ``version`` as an integer.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from service import oip
-from service.spec import ModelSpec
+from sepconv.spec import ModelSpec
+from service.protocols import oip
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 #: Listed in the server metadata next to the OIP extensions. The repository index is served
 #: too, but not ``model_repository``: that name promises load and unload, and this server
@@ -65,6 +68,37 @@ class ModelStats:
     execution_count: int = 0
     last_inference_ms: int = 0
     durations: dict[str, Duration] = field(default_factory=dict)
+
+
+#: Triton's per-request statistics and the engine's counters they are read from
+#: (:func:`service.metrics.inference_counters`).
+COUNTER_OF = {
+    "success": "request_ok",
+    "fail": "request_error",
+    "queue": "stage_queue",
+    "compute_input": "stage_decode",
+    "compute_infer": "stage_infer",
+    "compute_output": "stage_postprocess",
+}
+
+
+def model_stats_from(counters: dict[str, tuple[float, float]]) -> ModelStats:
+    """Triton's statistics from the engine's ``{name: (count, seconds)}`` counters.
+
+    ``compute_input`` is decoding and preprocessing (0 for tensor requests), ``queue`` the wait
+    for a batch, ``compute_infer`` the model run, ``compute_output`` the softmax; each is
+    observed once per successful request, so their counts are equal as perf_analyzer requires.
+    """
+    durations = {
+        name: Duration.from_seconds(*counters.get(key, (0.0, 0.0)))
+        for name, key in COUNTER_OF.items()
+    }
+    return ModelStats(
+        inference_count=int(counters.get("images", (0.0, 0.0))[0]),
+        execution_count=int(counters.get("runs", (0.0, 0.0))[0]),
+        last_inference_ms=int(counters.get("last_inference", (0.0, 0.0))[1] * 1000),
+        durations=durations,
+    )
 
 
 def server_extensions() -> list[str]:
@@ -123,6 +157,17 @@ def model_config(
         ],
         "dynamic_batching": {"max_queue_delay_microseconds": max_queue_delay_us},
     }
+
+
+def served_model_config(spec: ModelSpec, settings: Settings, provider: str) -> dict[str, Any]:
+    """:func:`model_config` of the served model, from the settings that shape its batching."""
+    return model_config(
+        spec,
+        max_batch_size=settings.max_batch_size,
+        max_queue_delay_us=int(round(settings.max_wait_ms * 1000)),
+        instances=settings.lanes,
+        gpu=provider == "CUDAExecutionProvider",
+    )
 
 
 def model_statistics(spec: ModelSpec, stats: ModelStats) -> dict[str, Any]:

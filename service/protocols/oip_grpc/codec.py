@@ -2,8 +2,8 @@
 
 Pure functions on the generated messages, no server and no I/O, so they are unit-tested alone;
 the servicer does the I/O. The rules of the model's inputs and outputs are the REST codec's
-(:mod:`service.oip`), called with what the protobuf carries, so both transports accept and refuse
-exactly the same tensors with the same messages:
+(:mod:`service.protocols.oip`), called with what the protobuf carries, so both transports
+accept and refuse exactly the same tensors with the same messages:
 
 - the tensor input (named as in the ONNX graph): FP32 ``[N, C, H, W]``;
 - ``image``: BYTES ``[N]`` or ``[N, 1]``, encoded image files;
@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 from google.protobuf import json_format
 
-from service import oip
+from sepconv.spec import ModelSpec
+from service.protocols import oip
 from service.protocols.oip_grpc import inference_pb2 as pb
-from service.spec import ModelSpec
 
 _FP32 = np.dtype("<f4")
 #: ``contents`` fields, by the datatype they belong to.
@@ -80,13 +80,13 @@ def parse_infer_request(msg: pb.ModelInferRequest, spec: ModelSpec) -> oip.Infer
         contents = _contents(item, bool(raw))
         if name == spec.input_name:
             if raw:
-                tensor = oip._tensor_input({}, memoryview(raw[i]), shape, item.datatype, spec)
+                tensor = oip.tensor_input({}, memoryview(raw[i]), shape, item.datatype, spec)
             else:
-                tensor = oip._tensor_input(
+                tensor = oip.tensor_input(
                     {"data": np.asarray(contents, dtype=_FP32)}, None, shape, item.datatype, spec
                 )
         elif raw:
-            images = oip._image_input({}, memoryview(raw[i]), shape, item.datatype)
+            images = oip.image_input({}, memoryview(raw[i]), shape, item.datatype)
         else:
             images = _image_contents(contents, shape, item.datatype)
     return oip.InferRequest(
