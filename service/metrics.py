@@ -11,7 +11,7 @@ import asyncio
 import os
 import time
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Summary
 from prometheus_client import multiprocess as _multiprocess
 
 from service.engine.observer import EngineObserver
@@ -75,19 +75,21 @@ BATCH_REJECTED = Counter(
 
 # Per inference request, whatever its protocol: what Triton's statistics extension reports
 # (GET /v2/models/{name}/stats is read from these, so the two never disagree).
-INFERENCE_REQUESTS = Histogram(
+# Count and sum only (a summary and counters, not histograms): per-request latency percentiles
+# are the HTTP and gRPC histograms' job, and these sit on every request's path (12.9 us per
+# request with five histograms, 5.4 us so; timeit on this project's 2-core machine under load).
+INFERENCE_REQUESTS = Summary(
     "sepconv_inference_request_duration_seconds",
     "Time inference requests spent in the engine, from decoding to probabilities, by protocol "
     "and outcome (ok, error, cancelled).",
     ["protocol", "outcome"],
-    buckets=LATENCY_BUCKETS,
 )
-REQUEST_STAGE = Histogram(
+REQUEST_STAGE = Counter(
     "sepconv_inference_request_stage_seconds",
-    "Per successful inference request, the time in each stage: decode (and preprocess), queue "
-    "(for a batch), infer (the model run), postprocess.",
+    "Time successful inference requests spent in each stage: decode (and preprocess), queue "
+    "(for a batch), infer (the model run), postprocess. One observation per request of "
+    'sepconv_inference_request_duration_seconds{outcome="ok"}.',
     ["stage"],
-    buckets=LATENCY_BUCKETS,
 )
 REQUEST_STAGES = ("decode", "queue", "infer", "postprocess")
 LAST_INFERENCE = Gauge(
@@ -182,10 +184,10 @@ class PrometheusObserver(EngineObserver):
         child.observe(seconds)
         if error is None:
             stages = self._stages
-            stages[0].observe(ctx.decode_s)
-            stages[1].observe(ctx.queue_s)
-            stages[2].observe(ctx.infer_s)
-            stages[3].observe(ctx.postprocess_s)
+            stages[0].inc(ctx.decode_s)
+            stages[1].inc(ctx.queue_s)
+            stages[2].inc(ctx.infer_s)
+            stages[3].inc(ctx.postprocess_s)
 
 
 def inference_counters() -> dict[str, tuple[float, float]]:
@@ -202,11 +204,14 @@ def inference_counters() -> dict[str, tuple[float, float]]:
 
     wanted = {
         INFERENCE_REQUESTS._name: lambda labels: f"request_{labels['outcome']}",
-        REQUEST_STAGE._name: lambda labels: f"stage_{labels['stage']}",
         INFERENCE_DURATION._name: lambda labels: "runs",
     }
     for family in exposition_registry().collect():
-        if family.name in wanted:
+        if family.name == REQUEST_STAGE._name:
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    add(f"stage_{sample.labels['stage']}", total=sample.value)
+        elif family.name in wanted:
             for sample in family.samples:
                 key = wanted[family.name](sample.labels)
                 if sample.name.endswith("_count"):
@@ -221,4 +226,8 @@ def inference_counters() -> dict[str, tuple[float, float]]:
             for sample in family.samples:
                 entry = out.setdefault("last_inference", [0.0, 0.0])
                 entry[1] = max(entry[1], sample.value)
+    # Each stage is counted once per successful request.
+    ok = out.get("request_ok", [0.0, 0.0])[0]
+    for stage in REQUEST_STAGES:
+        out.setdefault(f"stage_{stage}", [0.0, 0.0])[0] = ok
     return {key: (count, total) for key, (count, total) in out.items()}
