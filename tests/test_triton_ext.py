@@ -7,6 +7,7 @@ import asyncio
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
@@ -208,3 +209,39 @@ def test_batcher_and_classifier_fill_in_the_stages(tiny_model_path):
     (done, seconds, error), (failed_ctx, _, failure) = recorder.requests
     assert done is ctx and error is None and seconds >= ctx.infer_s
     assert isinstance(failure, BatchFailedError) and failed_ctx.protocol == ""
+
+
+def test_perf_analyzer_data_files_are_requests_the_server_takes(
+    served, spec, tiny_model_path, make_png, capsys
+):
+    """What perf_analyzer sends from the files bench/perf_analyzer_data.py writes: a BYTES
+    input's b64 data as raw tensor bytes, a tensor's content as FP32 for batch 1."""
+    import base64
+    import json
+
+    from bench import perf_analyzer_data
+
+    blobs = [make_png(seed=1), make_png(seed=2, size=40)]
+    url = f"http://{served.http_url}/v2/models/{spec.name}/infer"
+    for kind in ("image", "tensor"):
+        paths = []
+        for i, blob in enumerate(blobs):
+            path = tiny_model_path.parent / f"pa-{kind}-{i}.png"
+            path.write_bytes(blob)
+            paths.append(str(path))
+        assert perf_analyzer_data.main(["--model", str(tiny_model_path), f"--{kind}", *paths]) == 0
+        (entry, _) = json.loads(capsys.readouterr().out)["data"]
+        ((name, value),) = entry.items()
+        if kind == "image":
+            raw = base64.b64decode(value["b64"])
+            item = {"name": name, "datatype": "BYTES", "shape": [1]}
+        else:
+            raw = np.asarray(value["content"], np.float32).tobytes()
+            item = {"name": name, "datatype": "FP32", "shape": [1, *value["shape"]]}
+        header = orjson.dumps({"inputs": [{**item, "parameters": {"binary_data_size": len(raw)}}]})
+        response = httpx.post(
+            url,
+            content=header + raw,
+            headers={"Inference-Header-Content-Length": str(len(header))},
+        )
+        assert response.status_code == 200, (kind, response.text)
