@@ -30,7 +30,7 @@ from service.logs import RequestIdFilter
 from service.tracing import Tracing
 
 from .conftest import FailingBatcher
-from .test_grpc import Gate, Served, _settings, fp32, swapped, wait_queued
+from .test_grpc import Gate, Served, _settings, fp32, gated, swapped, wait_queued
 
 PARENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{PARENT_TRACE}-00f067aa0ba902b7-01"
@@ -145,7 +145,7 @@ def test_requests_sharing_a_batch_are_linked(traced, exporter, spec):
         with tgrpc.InferenceServerClient(traced.grpc_url) as c:
             c.infer(spec.name, [fp32(x)])
 
-    with swapped(batcher, run_batch=gate):
+    with gated(batcher, gate):
         first = threading.Thread(target=via_http)
         first.start()
         gate.wait_entered()

@@ -185,15 +185,11 @@ def test_batcher_and_classifier_fill_in_the_stages(tiny_model_path):
         try:
             ctx = RequestContext(protocol="test")
             await classifier.classify_tensor(np.zeros((3, 1, 28, 28), np.float32), ctx)
-            failing = Classifier(
-                runtime,
-                FailingBatcher(BatchFailedError("boom")),
-                max_pixels=10**6,
-                inline_decode_max_pixels=0,
-                observer=observer,
-            )
-            with pytest.raises(BatchFailedError):
-                await failing.classify_tensor(np.zeros((1, 1, 28, 28), np.float32))
+            with (
+                swapped(classifier, batcher=FailingBatcher(BatchFailedError("boom"))),
+                pytest.raises(BatchFailedError),
+            ):
+                await classifier.classify_tensor(np.zeros((1, 1, 28, 28), np.float32))
             return ctx
         finally:
             await batcher.stop()

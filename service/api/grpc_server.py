@@ -241,6 +241,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context, trace) -> pb.ModelInferResponse:
         classifier = self._classifier()
         spec = self._model(request.model_name, request.model_version)
+        # As over HTTP: refused before the work of parsing when the server is already too busy.
+        classifier.admit()
         req = codec.parse_infer_request(request, spec)
         if req.batch_size > classifier.max_rows:
             raise PayloadTooLarge(
