@@ -98,7 +98,7 @@ def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
 def rpc(method):
     """Request id, metrics, tracing and the error mapping around one servicer method."""
     name = method.__name__
-    labels: dict[str, tuple] = {}
+    children: dict[grpc.StatusCode, tuple] = {}  # the metrics' label children, by status
 
     @functools.wraps(method)
     async def handler(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext):
@@ -137,19 +137,19 @@ def rpc(method):
             code = grpc_code(error)
             await abort_with(context, error)
         finally:
-            key = labels.get(code)
-            if key is None:
-                key = labels[code] = (
+            metrics = children.get(code)
+            if metrics is None:
+                metrics = children[code] = (
                     GRPC_REQUESTS.labels(name, code.name),
                     GRPC_DURATION.labels(name, code.name),
                 )
-            key[0].inc()
-            key[1].observe(time.perf_counter() - start)
+            metrics[0].inc()
+            metrics[1].observe(time.perf_counter() - start)
             if trace is not None:
-                trace.end(
-                    error.detail if error is not None else None,
-                    {"rpc.grpc.status_code": code.value[0]},
-                )
+                failure = error.detail if error is not None else None
+                if code == grpc.StatusCode.CANCELLED:
+                    failure = "cancelled: the client went away or its deadline passed"
+                trace.end(failure, {"rpc.grpc.status_code": code.value[0]})
                 trace_id_var.reset(trace_token)
             request_id_var.reset(token)
 
