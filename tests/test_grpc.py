@@ -551,6 +551,31 @@ def test_shutdown_drains_calls_in_flight(tiny_model_path, spec):
         c.is_server_live(client_timeout=2)
 
 
+def test_draining_turns_readiness_and_health_off_but_keeps_serving(tiny_model_path, spec):
+    """SIGTERM's drain delay (service.drain): balancers must see not-ready while calls run."""
+    from service.api.app import create_app
+
+    server = Served(create_app(_settings(tiny_model_path)))
+    try:
+        with grpc.insecure_channel(server.grpc_url) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            check = health_pb2.HealthCheckRequest(service="")
+            assert health.Check(check).status == health_pb2.HealthCheckResponse.SERVING
+            server.state.drain.begin()  # what SIGTERM does
+            deadline = time.monotonic() + 10
+            while health.Check(check).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+                assert time.monotonic() < deadline, "health still SERVING while draining"
+                time.sleep(0.02)
+            assert not stub.ServerReady(pb.ServerReadyRequest()).ready
+            assert not stub.ModelReady(pb.ModelReadyRequest(name=spec.name)).ready
+        with tgrpc.InferenceServerClient(server.grpc_url) as c:
+            probs = c.infer(spec.name, [fp32(pixels(spec, 1))]).as_numpy("probabilities")
+        assert probs.shape == (1, 3)
+    finally:
+        server.stop()
+
+
 @pytest.mark.slow
 def test_workers_share_the_grpc_port(tmp_path, tiny_model_path, spec):
     from bench.server import ServerProcess, listeners
