@@ -53,10 +53,12 @@ COPY --from=venv-cpu /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     SEPCONV_HOST=0.0.0.0 \
     SEPCONV_PORT=8000 \
+    SEPCONV_GRPC_PORT=8001 \
     SEPCONV_MODEL_PATH=/models/model.onnx
 WORKDIR /app
 USER 10001:10001
-EXPOSE 8000
+# HTTP, and gRPC (Open Inference Protocol; Triton's port).
+EXPOSE 8000 8001
 # Readiness, not liveness: the model must be loaded and warmed up. urllib, so no curl is needed.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('SEPCONV_PORT', '8000') + '/readyz', timeout=2)"]
@@ -97,11 +99,12 @@ COPY --from=venv-cuda /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     SEPCONV_HOST=0.0.0.0 \
     SEPCONV_PORT=8000 \
+    SEPCONV_GRPC_PORT=8001 \
     SEPCONV_MODEL_PATH=/models/model.onnx \
     SEPCONV_PROVIDER=cuda
 WORKDIR /app
 USER 10001:10001
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
   CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('SEPCONV_PORT', '8000') + '/readyz', timeout=2)"]
 ENTRYPOINT ["/usr/bin/tini", "--"]

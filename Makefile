@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 MODEL ?= artifacts/model.onnx
 RECIPE ?= quick
 
-.PHONY: setup serve model test lint bench clean
+.PHONY: setup serve model test lint bench clean grpc-code
 setup:
 	@bash scripts/setup.sh
 
@@ -26,6 +26,10 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# The gRPC modules generated from service/protocols/oip_grpc/inference.proto (committed).
+grpc-code: setup
+	$(PY) -m service.protocols.oip_grpc.generate
 
 clean:
 	rm -rf artifacts .pytest_cache .ruff_cache

@@ -89,6 +89,9 @@ class ServerProcess:
             "SEPCONV_HOST": host,
             "SEPCONV_PORT": str(self.port),
             "SEPCONV_LOG_LEVEL": settings_env.get("SEPCONV_LOG_LEVEL", "warning"),
+            # The benchmark drives HTTP; gRPC's fixed default port could clash with a server
+            # already running here.
+            "SEPCONV_GRPC_PORT": settings_env.get("SEPCONV_GRPC_PORT", "0"),
         }
         self.workers = self._workers()
         self.proc: subprocess.Popen[bytes] | None = None

@@ -131,7 +131,8 @@ fi
   || { echo "e2e: /tmp is not writable in the api container" >&2; exit 1; }
 
 "$PYTHON" deploy/e2e_check.py --api http://127.0.0.1:18000 --prometheus http://127.0.0.1:19090 \
-  --dashboard deploy/grafana/dashboards/sepconv.json --k8s deploy/k8s --out "$run_dir/check.json"
+  --grpc 127.0.0.1:18002 --dashboard deploy/grafana/dashboards/sepconv.json --k8s deploy/k8s \
+  --out "$run_dir/check.json"
 stamp checks_s
 
 # SIGTERM must reach uvicorn through tini: a graceful shutdown well within the grace period, not

@@ -3,8 +3,9 @@ containerised Prometheus for what it scraped, and evaluate every Grafana panel's
 and every autoscaling query (the prometheus-adapter rule and the KEDA ScaledObject in
 deploy/k8s/).
 
-Standard library plus Pillow (for the test images) and PyYAML (for the manifests) only. Exits
-non-zero with a message naming what is missing; writes a JSON summary to --out.
+Standard library plus Pillow (for the test images) and PyYAML (for the manifests); with
+``--grpc``, grpcio too (a serving dependency, so the repository's venv has it) for the gRPC half.
+Exits non-zero with a message naming what is missing; writes a JSON summary to --out.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from pathlib import Path
 
 import yaml
 from PIL import Image
@@ -129,6 +131,36 @@ def autoscaling_queries(k8s_dir, namespace: str, pods: list[str]) -> list[tuple[
     return out
 
 
+def check_grpc(address: str, name: str) -> dict:
+    """grpc.health.v1 says SERVING, and an image classified over the Open Inference Protocol."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's generated code
+    from service.protocols.oip_grpc import inference_pb2 as pb
+    from service.protocols.oip_grpc import inference_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=10
+        )
+        expect(health.status == health_pb2.HealthCheckResponse.SERVING, f"gRPC health: {health}")
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        request = pb.ModelInferRequest(model_name=name)
+        request.inputs.add(name="image", datatype="BYTES", shape=[1])
+        request.inputs[0].contents.bytes_contents.append(png(5))
+        output = request.outputs.add(name="probabilities")
+        output.parameters["classification"].int64_param = 1
+        response, call = stub.ModelInfer.with_call(
+            request, timeout=30, metadata=(("x-request-id", "e2e-grpc"),)
+        )
+        top = response.raw_output_contents[0][4:].decode()
+        expect(top.count(":") >= 2, f"gRPC classification: {response}")
+        echoed = dict(call.initial_metadata()).get("x-request-id")
+        expect(echoed == "e2e-grpc", f"gRPC x-request-id echoed as {echoed!r}")
+    return {"health": "SERVING", "top1": top}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--api", required=True)
@@ -137,6 +169,7 @@ def main() -> int:
     ap.add_argument("--k8s", required=True, help="deploy/k8s: the autoscaling queries")
     ap.add_argument("--out", required=True)
     ap.add_argument("--deadline-s", type=float, default=120)
+    ap.add_argument("--grpc", help="host:port of the API's gRPC server, checked when given")
     args = ap.parse_args()
     api, prom = args.api, args.prometheus
     summary: dict = {}
@@ -154,6 +187,9 @@ def main() -> int:
     data, ctype = multipart([png(2), png(3)])
     status, _, body = request(f"{api}/v1/classify", data, {"Content-Type": ctype})
     expect(status == 200 and len(body["results"]) == 2, f"multipart classify -> {status} {body}")
+
+    if args.grpc:
+        summary["grpc"] = check_grpc(args.grpc, models["name"])
 
     # A client error: JSON naming the problem, never a 500.
     status, _, body = request(f"{api}/v1/classify", b"not a png", {"Content-Type": "image/png"})

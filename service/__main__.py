@@ -17,7 +17,7 @@ import tempfile
 
 from pydantic import ValidationError
 
-from service.logs import configure_logging
+from service.logs import configure_logging, logging_config
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -33,6 +33,7 @@ FLAGS = {
     ("--workers",): "SEPCONV_WORKERS",
     ("--provider",): "SEPCONV_PROVIDER",
     ("--log-level",): "SEPCONV_LOG_LEVEL",
+    ("--grpc-port",): "SEPCONV_GRPC_PORT",
 }
 
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"sepconv-serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
 
     from sepconv.spec import SpecError, read_spec
     from service.engine.runtime import ModelLoadError, choose_providers, find_model_file
@@ -95,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        # uvicorn's own lines get the request id and the format of the service's lines.
+        log_config=logging_config(settings.log_level, settings.log_format),
         # The event loop does the per-request work; uvloop and httptools make it cheaper.
         loop="auto",
         http="auto",
@@ -105,8 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     if workers > 1:
         _share_metrics_between_workers(workers)
         if reuseport_available():
+            grpc_ports = [settings.grpc_port] if settings.grpc_port else []
             return run_workers(
-                workers, server_options, settings.drain_delay_s + settings.graceful_shutdown_s
+                workers,
+                server_options,
+                settings.drain_delay_s + settings.graceful_shutdown_s,
+                grpc_ports,
             )
         # No SO_REUSEPORT (not Linux): uvicorn's own workers, without the drain delay.
         uvicorn.run("service.api.app:create_app", factory=True, workers=workers, **server_options)

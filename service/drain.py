@@ -26,6 +26,7 @@ import logging
 import signal
 import socket
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -44,14 +45,21 @@ class Drain:
 
     def __init__(self) -> None:
         self.started_at: float | None = None
+        self._listeners: list[Callable[[], None]] = []
 
     @property
     def draining(self) -> bool:
         return self.started_at is not None
 
+    def on_begin(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` when draining begins (from the signal handler: keep it short)."""
+        self._listeners.append(listener)
+
     def begin(self) -> None:
         if self.started_at is None:
             self.started_at = time.monotonic()
+            for listener in self._listeners:
+                listener()
 
 
 class ConnectionCloseMiddleware:

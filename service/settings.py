@@ -16,6 +16,7 @@ from sepconv.hardware import available_cores
 
 Provider = Literal["auto", "cpu", "cuda"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
+LogFormat = Literal["text", "json"]
 #: ``SEPCONV_WORKERS=auto`` stops here: every worker holds its own model copy and ORT arena, and
 #: with many workers each one's queue sees too little traffic to form batches.
 MAX_AUTO_WORKERS = 8
@@ -73,7 +74,7 @@ class Settings(BaseSettings):
         "model: about 0.1 ms; a 224 px model never). 0 turns it off.",
     )
 
-    # --- HTTP server
+    # --- HTTP and gRPC servers
     host: str = Field("127.0.0.1", description="Listen address.")
     port: int = Field(8000, ge=1, le=65535, description="Listen port.")
     workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
@@ -84,7 +85,24 @@ class Settings(BaseSettings):
         "second process doubled throughput on 2 cores); 1 gives the lowest single-request "
         "latency on big models.",
     )
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="Port of the gRPC Open Inference Protocol server (Triton's default); 0 turns "
+        "gRPC off. Same host, process and batcher as HTTP.",
+    )
     log_level: LogLevel = Field("info", description="Log level for the service and uvicorn.")
+    log_format: LogFormat = Field(
+        "text",
+        description="text, or json: one JSON object per line (time, level, logger, message, "
+        "request_id, trace_id).",
+    )
+    tracing: bool = Field(
+        False,
+        description="Export OpenTelemetry traces of inference requests; the exporter is "
+        "configured by the standard OTEL_* variables (README, Tracing).",
+    )
     drain_delay_s: float = Field(
         0.0,
         ge=0,
@@ -163,6 +181,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_queue_size ({self.max_queue_size}) must be at least max_batch_size "
                 f"({self.max_batch_size}), or no batch could ever fill"
+            )
+        if self.grpc_port == self.port:
+            raise ValueError(
+                f"grpc_port and port are both {self.port}; give gRPC its own port, or 0 to turn "
+                "it off"
             )
         return self
 

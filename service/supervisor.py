@@ -16,6 +16,7 @@ state instead of a server silently running at half capacity.
 from __future__ import annotations
 
 import logging
+import logging.config
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -23,12 +24,21 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 log = logging.getLogger("service.supervisor")
 
 #: How long a worker gets after the graceful-shutdown window before it is killed.
 KILL_AFTER_GRACE_S = 5.0
+
+#: True in a worker process this supervisor spawned: the app's other listening sockets (gRPC)
+#: join their port's SO_REUSEPORT group, as its HTTP socket does.
+_in_worker = False
+
+
+def in_worker() -> bool:
+    return _in_worker
 
 
 def reuseport_available() -> bool:
@@ -73,10 +83,13 @@ def _worker_main(index: int, uvicorn_kwargs: dict[str, Any]) -> None:
     """Entry point of one spawned worker: its own socket, then a uvicorn server that drains on
     SIGTERM (service.drain) like a single-process one."""
     from service.drain import serve
-    from service.logs import configure_logging
     from service.settings import Settings
 
-    configure_logging(uvicorn_kwargs["log_level"])
+    global _in_worker
+    _in_worker = True
+
+    # The service's logging (uvicorn applies the same ``log_config`` again when it starts).
+    logging.config.dictConfig(uvicorn_kwargs["log_config"])
     host, port = uvicorn_kwargs["host"], uvicorn_kwargs["port"]
     try:
         sock = bind_reuseport(host, port)
@@ -91,18 +104,27 @@ def _worker_main(index: int, uvicorn_kwargs: dict[str, Any]) -> None:
         sys.exit(3)
 
 
-def run_workers(workers: int, uvicorn_kwargs: dict[str, Any], grace_s: float) -> int:
+def run_workers(
+    workers: int,
+    uvicorn_kwargs: dict[str, Any],
+    grace_s: float,
+    extra_ports: Sequence[int] = (),
+) -> int:
     """Spawn ``workers`` servers and supervise them; the exit status for ``python -m service``.
 
     ``grace_s``: how long a worker may take to stop after SIGTERM (drain delay + graceful
-    shutdown) before it is killed, ``KILL_AFTER_GRACE_S`` later.
+    shutdown) before it is killed, ``KILL_AFTER_GRACE_S`` later. ``extra_ports`` are the other
+    ports each worker binds in the same SO_REUSEPORT way (gRPC), checked free here for the same
+    reason as the HTTP port.
     """
-    host, port = uvicorn_kwargs["host"], uvicorn_kwargs["port"]
-    try:
-        check_port_free(host, port)
-    except OSError as exc:
-        print(f"sepconv-serve: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
-        return 1
+    host = uvicorn_kwargs["host"]
+    for port in (uvicorn_kwargs["port"], *extra_ports):
+        try:
+            check_port_free(host, port)
+        except OSError as exc:
+            print(f"sepconv-serve: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+            return 1
+    port = uvicorn_kwargs["port"]
 
     # spawn, not fork: a forked child would inherit this process's threads and locks half-held.
     ctx = multiprocessing.get_context("spawn")

@@ -6,6 +6,7 @@ No test needs the trained default model, a GPU or the network.
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,10 @@ import pytest
 from PIL import Image
 
 TINY_LABELS = ["circle", "square", "cross"]
+
+# Tests start many servers, in this process and as subprocesses, side by side: each would bind
+# gRPC's default port 8001. gRPC is off unless a test asks for it with a free port.
+os.environ.setdefault("SEPCONV_GRPC_PORT", "0")
 
 
 def _build(tmp: Path, *, color_mode: str, input_size: int, stem_stride: int, seed: int) -> Path:

@@ -18,15 +18,18 @@ from fastapi import FastAPI
 
 import sepconv
 from service.api.errors import install_error_handlers
-from service.api.middleware import BodySizeLimitMiddleware, MetricsMiddleware
-from service.api.routes import classify, cost, health, models, oip
+from service.api.grpc_server import GrpcServer
+from service.api.middleware import BodySizeLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
+from service.api.routes import classify, cost, health, models, oip, triton_ext
 from service.drain import ConnectionCloseMiddleware, Drain
 from service.engine.batcher import Batcher
 from service.engine.classifier import Classifier
-from service.engine.observer import EngineObserver
+from service.engine.observer import EngineObserver, FanOut
 from service.engine.runtime import ModelRuntime
 from service.metrics import PrometheusObserver, mark_process_dead, set_model_info
+from service.protocols import triton
 from service.settings import Settings
+from service.tracing import Tracing, TracingObserver
 
 log = logging.getLogger("service")
 
@@ -34,6 +37,9 @@ log = logging.getLogger("service")
 #: router tries routes in order.
 ROUTERS = [
     classify.router,
+    # Before the OIP router: /v2/models/stats must not be read as the metadata of a model
+    # named "stats".
+    triton_ext.router,
     oip.router,
     health.router,
     models.router,
@@ -67,7 +73,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     start = time.perf_counter()
     # Blocking on purpose: nothing is served before the model loads, and a failure here must
     # stop start-up (uvicorn exits non-zero) rather than leave a server that can never be ready.
-    observer = PrometheusObserver()
+    tracing: Tracing | None = app.state.tracing
+    observer: EngineObserver = PrometheusObserver()
+    if tracing is not None:
+        observer = FanOut(observer, TracingObserver(tracing))
     runtime = load_runtime(settings, observer)
     warm = runtime.warm_up((1, settings.max_batch_size), runs=settings.warmup_runs)
     batcher = Batcher(
@@ -104,9 +113,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # showed in p99: 28 px model at concurrency 32, p99 37.5 ms before, 17.3 ms after.
     gc.collect()
     gc.freeze()
+    grpc_server = None
+    if settings.grpc_port:
+        grpc_server = GrpcServer(app.state, settings)
+        try:
+            app.state.grpc_port = await grpc_server.start()
+        except BaseException:
+            await batcher.stop()
+            raise
     app.state.ready = True
     log.info(
-        "ready in %.2f s (warm-up %.3f s): %s v%s on %s, batch<=%d, wait<=%g ms",
+        "ready in %.2f s (warm-up %.3f s): %s v%s on %s, batch<=%d, wait<=%g ms, gRPC %s",
         time.perf_counter() - start,
         warm,
         runtime.spec.name,
@@ -114,20 +131,37 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.providers,
         settings.max_batch_size,
         settings.max_wait_ms,
+        f"on port {app.state.grpc_port}" if grpc_server else "off",
     )
+    if not triton.is_numeric_version(runtime.spec.version):
+        log.warning(
+            "model version %r is not a number: Triton's perf_analyzer cannot read its statistics",
+            runtime.spec.version,
+        )
     try:
         yield
     finally:
         # Not ready first, so a load balancer stops sending while queued requests drain.
         app.state.ready = False
+        if grpc_server is not None:
+            # Health says NOT_SERVING, no new calls; the calls in flight finish on the batcher.
+            await grpc_server.stop(settings.graceful_shutdown_s)
         await batcher.stop()
+        if tracing is not None:
+            tracing.shutdown()  # export what is still buffered
         mark_process_dead()
 
 
-def create_app(settings: Settings | None = None, drain: Drain | None = None) -> FastAPI:
-    """The app; ``drain`` is shared with the server that starts it on SIGTERM (service.drain)."""
+def create_app(
+    settings: Settings | None = None, drain: Drain | None = None, tracing: Tracing | None = None
+) -> FastAPI:
+    """The app; ``drain`` is shared with the server that starts it on SIGTERM (service.drain);
+    ``tracing`` replaces the one ``SEPCONV_TRACING`` configures from ``OTEL_*`` (tests pass one
+    with an in-memory exporter)."""
     settings = settings or Settings()
     drain = drain or Drain()
+    if tracing is None and settings.tracing:
+        tracing = Tracing.from_env()
     app = FastAPI(
         title="sepconv-serve",
         version=sepconv.__version__,
@@ -135,13 +169,16 @@ def create_app(settings: Settings | None = None, drain: Drain | None = None) -> 
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.tracing = tracing
     app.state.ready = False
     app.state.drain = drain
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
-    # Added last = outermost: metrics time everything, body-limit 413s included.
+    # Added last = outermost: the request id is set before anything else runs and logs, metrics
+    # time everything, body-limit 413s included.
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(ConnectionCloseMiddleware, drain=drain)
+    app.add_middleware(RequestIdMiddleware, tracing=tracing)
     return app

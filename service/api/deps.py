@@ -11,8 +11,11 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from service.engine.classifier import Classifier
+from service.engine.context import RequestContext
 from service.errors import NotReady
+from service.logs import request_id_var
 from service.settings import Settings
+from service.tracing import current_trace
 
 
 def is_ready(request: Request) -> bool:
@@ -33,3 +36,11 @@ async def get_classifier(request: Request) -> Classifier:
 
 
 ClassifierDep = Annotated[Classifier, Depends(get_classifier)]
+
+
+def request_context(protocol: str) -> RequestContext:
+    """The engine's context for the HTTP request being handled: its id (``X-Request-ID``, the
+    adopted OIP ``id``, or a made one) and, while tracing is on, its span."""
+    return RequestContext(
+        request_id=request_id_var.get(), protocol=protocol, trace=current_trace.get()
+    )

@@ -1,5 +1,8 @@
 """Pure ASGI middleware (no BaseHTTPMiddleware: no extra task or body copy per request).
 
+:class:`RequestIdMiddleware`: request ids (and, while tracing is on, spans) for every request.
+:class:`MetricsMiddleware`: HTTP traffic by route template.
+
 :class:`BodySizeLimitMiddleware`: the request body limit, so an oversized body is never buffered.
 
 The check sits in ``receive``: a declared ``Content-Length`` over the limit fails the very first
@@ -16,7 +19,9 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import PayloadTooLarge
+from service.logs import request_id_var, start_request, trace_id_var
 from service.metrics import HTTP_DURATION, HTTP_IN_FLIGHT, HTTP_REQUESTS
+from service.tracing import RequestTrace, Tracing, current_trace
 
 UNMATCHED_ROUTE = "<unmatched>"
 
@@ -109,3 +114,76 @@ class MetricsMiddleware:
                 )
             children[0].inc()
             children[1].observe(time.perf_counter() - start)
+
+
+def is_inference_path(path: str) -> bool:
+    """The routes that classify (traced while tracing is on); checked before routing."""
+    return path == "/v1/classify" or (path.startswith("/v2/models/") and path.endswith("/infer"))
+
+
+class RequestIdMiddleware:
+    """``X-Request-ID`` accepted (or made) and echoed, the id in the log lines of the request,
+    and, while tracing is on, the span of each inference request (a child of the caller's
+    ``traceparent``), ended once the response is sent.
+
+    The context variables are not reset afterwards: each request runs in a task of its own, and
+    the app's handler for unexpected errors, which runs outside this middleware, logs with them.
+    """
+
+    def __init__(self, app: ASGIApp, tracing: Tracing | None = None) -> None:
+        self.app = app
+        self.tracing = tracing
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                given = value
+                break
+        start_request(given)
+        trace = None
+        if self.tracing is not None and is_inference_path(scope["path"]):
+            trace = self._start_trace(scope)
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                # The id as it is now: the route may have adopted the OIP request's ``id``.
+                header = (b"x-request-id", request_id_var.get().encode())
+                message = {**message, "headers": [*message.get("headers", ()), header]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            if trace is not None:
+                route = route_template(scope)
+                trace.span.update_name(f"{scope['method']} {route}")
+                trace.end(
+                    f"HTTP {status}" if status >= 500 else None,
+                    {"http.route": route, "http.response.status_code": status},
+                )
+
+    def _start_trace(self, scope: Scope) -> RequestTrace:
+        carrier = {
+            name.decode("latin-1"): value.decode("latin-1")
+            for name, value in scope["headers"]
+            if name in (b"traceparent", b"tracestate")
+        }
+        trace = self.tracing.start_request(
+            f"{scope['method']} {scope['path']}",
+            carrier,
+            attributes={
+                "http.request.method": scope["method"],
+                "url.path": scope["path"],
+                "sepconv.request_id": request_id_var.get(),
+            },
+        )
+        current_trace.set(trace)
+        trace_id_var.set(trace.trace_id)
+        return trace

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -141,6 +142,7 @@ class Batcher:
         #: answers in 0.1 ms, the hop to the inference thread and back costs more than the run.
         self.inline_max_s = inline_max_s
         self.single_image_s: float | None = None
+        self._batch_ids = itertools.count(1)  # names batches in traces
 
     # --- lifecycle
     def start(self) -> None:
@@ -256,18 +258,23 @@ class Batcher:
     def _run_inline(self, x: np.ndarray, fut: asyncio.Future, ctx: RequestContext | None) -> None:
         """Run one image now, on the calling (event loop) thread; nothing else is running."""
         self.observer.batch_started(1, (0.0,), (ctx,))
+        started = time.monotonic()
+        item = (x, fut, started, ctx)
         try:
             out, seconds = self._timed_run(x[None])
             if len(out) != 1:
                 raise BatchFailedError(f"the model returned {len(out)} results for 1 image")
         except Exception as exc:
             log.exception("inline inference failed")
-            fut.set_exception(
+            err = (
                 exc
                 if isinstance(exc, BatchFailedError)
                 else BatchFailedError(f"inference failed: {type(exc).__name__}: {exc}")
             )
+            fut.set_exception(err)
+            self._finished(next(self._batch_ids), [item], started, str(err))
             return
+        self._finished(next(self._batch_ids), [item], started, None)
         self.record_batch(1, seconds)
         self.observer.classified(1)
         fut.set_result(out[0])
@@ -319,7 +326,10 @@ class Batcher:
             self.observer.batch_started(
                 len(live), [now - item[2] for item in live], [item[3] for item in live]
             )
-            task = asyncio.get_running_loop().create_task(self._run(live))
+            for _, _, enqueued, ctx in live:
+                if ctx is not None and now - enqueued > ctx.queue_s:
+                    ctx.queue_s = now - enqueued
+            task = asyncio.get_running_loop().create_task(self._run(live, now))
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
 
@@ -328,8 +338,9 @@ class Batcher:
         out = self.run_batch(x)
         return out, time.perf_counter() - start
 
-    async def _run(self, live: list[_Item]) -> None:
+    async def _run(self, live: list[_Item], started: float) -> None:
         loop = asyncio.get_running_loop()
+        batch_id = next(self._batch_ids)
         self._running += len(live)
         try:
             x = np.stack([item[0] for item in live]) if len(live) > 1 else live[0][0][None]
@@ -355,12 +366,27 @@ class Batcher:
             for _, fut, _, _ in live:
                 if not fut.done():
                     fut.set_exception(err)
+            self._finished(batch_id, live, started, str(err))
             return
         finally:
             self._running -= len(live)
             self._lane_free.release()
+        self._finished(batch_id, live, started, None)
         self.record_batch(len(live), seconds)
         self.observer.classified(len(live))
         for i, (_, fut, _, _) in enumerate(live):
             if not fut.done():  # cancelled while the batch ran
                 fut.set_result(out[i])
+
+    def _finished(
+        self, batch_id: int, live: list[_Item], started: float, error: str | None
+    ) -> None:
+        """Each request's run time, and the batch hook (traces link the requests that shared
+        the batch)."""
+        ended = time.monotonic()
+        if error is None:
+            for _, _, _, ctx in live:
+                if ctx is not None and ended - started > ctx.infer_s:
+                    ctx.infer_s = ended - started
+        rows = [(item[3], item[2]) for item in live]
+        self.observer.batch_finished(batch_id, started, ended, rows, error)

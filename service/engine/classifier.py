@@ -10,6 +10,7 @@ turned into service errors.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -88,25 +89,48 @@ class Classifier:
         Admitted (or refused) before any pixel is decoded; while decoding, the images count as
         queued work for the admission of others.
         """
+        ctx = ctx if ctx is not None else RequestContext()
+        started = time.monotonic()
         self.active += 1
         try:
             with self.admission.reserve(len(blobs)):
                 batch = await self.preprocess(blobs, names)
+            ctx.decode_s = time.monotonic() - started
             # No await between the reservation's end and the enqueueing: never counted twice.
-            return softmax(np.stack(await self._submit_all(batch, ctx)))
+            probs = await self._probabilities(batch, ctx)
+        except BaseException as exc:
+            self.observer.request_finished(ctx, started, time.monotonic() - started, exc)
+            raise
         finally:
             self.active -= 1
+        self.observer.request_finished(ctx, started, time.monotonic() - started, None)
+        return probs
 
     async def classify_tensor(
         self, batch: np.ndarray, ctx: RequestContext | None = None
     ) -> np.ndarray:
         """float32 (N, C, H, W) -> probabilities (N, num_classes), each row through the batcher."""
-        self.admission.check(len(batch))
-        self.active += 1
+        ctx = ctx if ctx is not None else RequestContext()
+        started = time.monotonic()
         try:
-            return softmax(np.stack(await self._submit_all(batch, ctx)))
-        finally:
-            self.active -= 1
+            self.admission.check(len(batch))
+            self.active += 1
+            try:
+                probs = await self._probabilities(batch, ctx)
+            finally:
+                self.active -= 1
+        except BaseException as exc:
+            self.observer.request_finished(ctx, started, time.monotonic() - started, exc)
+            raise
+        self.observer.request_finished(ctx, started, time.monotonic() - started, None)
+        return probs
+
+    async def _probabilities(self, batch: np.ndarray, ctx: RequestContext) -> np.ndarray:
+        rows = await self._submit_all(batch, ctx)
+        start = time.monotonic()
+        probs = softmax(np.stack(rows))
+        ctx.postprocess_s = time.monotonic() - start
+        return probs
 
     async def _submit_all(self, batch: np.ndarray, ctx: RequestContext | None) -> list[np.ndarray]:
         """Every row to the shared batcher; if one fails, the others are cancelled: the batcher

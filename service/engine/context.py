@@ -15,3 +15,10 @@ class RequestContext:
     deadline: float | None = None
     #: Opaque to the engine: the tracing integration keeps its span here.
     trace: Any = None
+    # Seconds per stage, filled in by the engine as the request goes, for the per-request
+    # statistics and traces. A request whose rows ran in several batches counts its longest
+    # wait and its longest run.
+    decode_s: float = 0.0
+    queue_s: float = 0.0
+    infer_s: float = 0.0
+    postprocess_s: float = 0.0

@@ -37,6 +37,43 @@ class EngineObserver:
     def classified(self, images: int) -> None:
         """``images`` results were handed back to their callers."""
 
+    def batch_finished(
+        self,
+        batch_id: int,
+        started: float,
+        ended: float,
+        rows: Sequence[tuple[RequestContext | None, float]],
+        error: str | None,
+    ) -> None:
+        """Batch ``batch_id`` ran from ``started`` to ``ended`` (``time.monotonic()``), or
+        failed with ``error``; ``rows`` are its images' (context, enqueue time)."""
+
+    def request_finished(
+        self, ctx: RequestContext, started: float, seconds: float, error: BaseException | None
+    ) -> None:
+        """A request left the Classifier seam ``seconds`` after it came in at ``started``, with
+        probabilities or ``error``; ``ctx`` holds its stage times."""
+
+
+class FanOut(EngineObserver):
+    """Every hook of every observer in ``observers``, in order (metrics and traces)."""
+
+    def __init__(self, *observers: EngineObserver) -> None:
+        self.observers = observers
+
+
+def _fan_out(name: str):
+    def hook(self: FanOut, *args):
+        for observer in self.observers:
+            getattr(observer, name)(*args)
+
+    hook.__name__ = name
+    return hook
+
+
+for _name in [n for n in vars(EngineObserver) if not n.startswith("_")]:
+    setattr(FanOut, _name, _fan_out(_name))
+
 
 #: The default: hooks cost one no-op call.
 NULL_OBSERVER = EngineObserver()

@@ -31,6 +31,7 @@ import binascii
 import math
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,8 +87,8 @@ class InferRequest:
 # --- metadata ---------------------------------------------------------------------------------
 
 
-def server_metadata(version: str) -> dict[str, Any]:
-    return {"name": SERVER_NAME, "version": version, "extensions": list(EXTENSIONS)}
+def server_metadata(version: str, extensions: Sequence[str] = EXTENSIONS) -> dict[str, Any]:
+    return {"name": SERVER_NAME, "version": version, "extensions": list(extensions)}
 
 
 def model_metadata(spec: ModelSpec) -> dict[str, Any]:
@@ -211,9 +212,9 @@ def parse_request(body: bytes, header_length: str | None, spec: ModelSpec) -> In
         elif "data" not in item:
             raise OIPError(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
         if target == "tensor":
-            tensor = _tensor_input(item, raw, shape, datatype, spec)
+            tensor = tensor_input(item, raw, shape, datatype, spec)
         else:
-            images = _image_input(item, raw, shape, datatype)
+            images = image_input(item, raw, shape, datatype)
     if offset != len(binary):
         raise OIPError(
             f"{len(binary) - offset} bytes of binary data follow the JSON that no input's "
@@ -252,13 +253,15 @@ def _shape(shape: Any, name: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _tensor_input(
+def tensor_input(
     item: dict[str, Any],
     raw: memoryview | None,
     shape: tuple[int, ...],
     datatype: Any,
     spec: ModelSpec,
 ) -> np.ndarray:
+    """The tensor input from JSON ``item["data"]`` or ``raw`` little-endian bytes, checked
+    against the model (the gRPC codec calls it too, so both transports apply the same rules)."""
     name = spec.input_name
     if datatype != "FP32":
         raise OIPError(f"input {name!r}: datatype must be FP32, got {datatype!r}")
@@ -294,9 +297,10 @@ def _tensor_input(
     return array
 
 
-def _image_input(
+def image_input(
     item: dict[str, Any], raw: memoryview | None, shape: tuple[int, ...], datatype: Any
 ) -> list[bytes]:
+    """The encoded images from JSON base64 ``item["data"]`` or ``raw`` BYTES tensor data."""
     name = IMAGE_INPUT
     if datatype != "BYTES":
         raise OIPError(f"input {name!r}: datatype must be BYTES, got {datatype!r}")

@@ -13,9 +13,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from service.api.deps import require_ready
+from service.api.deps import request_context, require_ready
 from service.api.errors import ProtocolRoute, error_example
-from service.engine.context import RequestContext
 from service.engine.decode import is_supported_image_type
 from service.errors import NOT_READY_DETAIL, InvalidParameter, InvalidRequest, PayloadTooLarge
 from service.protocols.v1 import (
@@ -204,7 +203,7 @@ async def classify(request: Request) -> Response:
         blobs, names = [await request.body()], []
     else:
         raise unsupported(media)
-    probs = await classifier.classify_images(blobs, names, RequestContext(protocol="v1"))
+    probs = await classifier.classify_images(blobs, names, request_context("v1"))
     return Response(
         classify_response(classifier.spec, probs, names, top_k), media_type="application/json"
     )

@@ -15,11 +15,11 @@ from starlette.responses import Response
 
 import sepconv
 from sepconv.spec import ModelSpec
-from service.api.deps import is_ready, require_ready
+from service.api.deps import is_ready, request_context, require_ready
 from service.api.errors import OIPRoute
-from service.engine.context import RequestContext
 from service.errors import NotFound, NotReady, PayloadTooLarge
-from service.protocols import oip
+from service.logs import adopt_request_id
+from service.protocols import oip, triton
 
 router = APIRouter(tags=["Open Inference Protocol v2"], route_class=OIPRoute)
 
@@ -30,7 +30,7 @@ def _json(body: bytes, status_code: int = 200, headers: dict[str, str] | None = 
     )
 
 
-def _check_model(request: Request, model_name: str, model_version: str | None) -> ModelSpec:
+def check_model(request: Request, model_name: str, model_version: str | None) -> ModelSpec:
     """The served model's spec if the URL names it; 503 until the model is loaded and warm."""
     classifier, _ = require_ready(request.app.state)
     spec = classifier.spec
@@ -48,7 +48,8 @@ def _check_model(request: Request, model_name: str, model_version: str | None) -
 
 @router.get("/v2", summary="Server metadata")
 async def server_metadata() -> Response:
-    return _json(orjson.dumps(oip.server_metadata(sepconv.__version__)))
+    document = oip.server_metadata(sepconv.__version__, triton.server_extensions())
+    return _json(orjson.dumps(document))
 
 
 @router.get("/v2/health/live", summary="Server liveness")
@@ -68,7 +69,7 @@ async def server_ready(request: Request) -> Response:
 async def model_metadata(
     request: Request, model_name: str, model_version: str | None = None
 ) -> Response:
-    spec = _check_model(request, model_name, model_version)
+    spec = check_model(request, model_name, model_version)
     return _json(orjson.dumps(oip.model_metadata(spec)))
 
 
@@ -77,7 +78,7 @@ async def model_metadata(
 async def model_ready(
     request: Request, model_name: str, model_version: str | None = None
 ) -> Response:
-    _check_model(request, model_name, model_version)
+    check_model(request, model_name, model_version)
     return _json(orjson.dumps({"name": model_name, "ready": True}))
 
 
@@ -87,7 +88,7 @@ async def model_ready(
 @router.post("/v2/models/{model_name}/infer", summary="Inference")
 @router.post("/v2/models/{model_name}/versions/{model_version}/infer", summary="Inference")
 async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
-    spec = _check_model(request, model_name, model_version)
+    spec = check_model(request, model_name, model_version)
     classifier, settings = require_ready(request.app.state)
     # Refused before the body is read: a refusal must cost next to nothing under overload.
     classifier.admit()
@@ -103,7 +104,8 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
             f"{req.batch_size} rows in one request; the server queues at most "
             f"{classifier.max_rows} (SEPCONV_MAX_QUEUE_SIZE)"
         )
-    ctx = RequestContext(request_id=req.id, protocol="oip-rest")
+    adopt_request_id(req.id)
+    ctx = request_context("oip-rest")
     if req.images is not None:
         # The same decode and preprocessing as /v1/classify, by the same seam.
         probs = await classifier.classify_images(req.images, ctx=ctx)
