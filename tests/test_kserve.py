@@ -19,9 +19,6 @@ from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNTIME = ROOT / "deploy" / "k8s" / "kserve" / "clusterservingruntime.yaml"
-#: Settings the runtime sets ahead of the change that adds them (the gRPC front end,
-#: SEPCONV_GRPC_PORT); until then the server ignores them, like any unknown SEPCONV_* name.
-PENDING_SETTINGS = {"SEPCONV_GRPC_PORT"}
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -101,7 +98,7 @@ def test_the_serving_runtime_configures_this_server(monkeypatch):
     (container,) = runtime["spec"]["containers"]
     env = {e["name"]: e["value"] for e in container["env"]}
     fields = {f"SEPCONV_{name.upper()}" for name in Settings.model_fields}
-    unknown = {k for k in env if k.startswith("SEPCONV_")} - fields - PENDING_SETTINGS
+    unknown = {k for k in env if k.startswith("SEPCONV_")} - fields
     assert not unknown, f"not settings: {unknown}"
     # KServe fills {{.Name}} with the InferenceService's name, a DNS label.
     assert env["SEPCONV_MODEL_NAME"] == "{{.Name}}"
