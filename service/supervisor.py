@@ -135,14 +135,17 @@ def run_workers(
     stopping = False
     deadline = float("inf")
 
-    def stop(*_: object) -> None:
+    def stop(signum: int = signal.SIGTERM, *_: object) -> None:
         nonlocal stopping, deadline
         if not stopping:
             stopping = True
             deadline = time.monotonic() + grace_s + KILL_AFTER_GRACE_S
+        # The same signal the supervisor got: SIGTERM makes each worker drain its requests,
+        # Ctrl-C (SIGINT) skips the drain delay there too.
+        forwarded = signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM
         for p in procs:
             if p.pid is not None and p.exitcode is None:
-                os.kill(p.pid, signal.SIGTERM)  # each worker drains its own requests
+                os.kill(p.pid, forwarded)
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     status = 0
