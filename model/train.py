@@ -11,6 +11,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,6 +142,21 @@ def build_schedule(opt, config: BuildConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+#: The training loss: ``objective(logits, targets, inputs, indices)`` -> scalar. ``inputs`` is the
+#: augmented batch the student saw and ``indices`` its rows in the training split, so an
+#: objective can run a teacher on the same augmented images or look up precomputed outputs.
+Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray], torch.Tensor]
+
+
+def cross_entropy_objective(config: BuildConfig) -> Objective:
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+
+    def objective(logits, y, _x, _idx):
+        return criterion(logits, y)
+
+    return objective
+
+
 @dataclass
 class EpochStats:
     epoch: int
@@ -177,9 +193,10 @@ def train_one_epoch(
     *,
     epoch: int,
     max_steps: int | None,
+    objective: Objective | None = None,
 ) -> tuple[float, float, float]:
     net.train()
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    objective = objective or cross_entropy_objective(config)
     order = iter_batches(len(split), config.batch_size, rng=rng, drop_last=True)
     if max_steps is not None:
         order = order[:max_steps]
@@ -191,7 +208,7 @@ def train_one_epoch(
         y = torch.from_numpy(split.labels[idx]).to(device)
         with autocast(device):
             logits = net(x)
-            loss = criterion(logits.float(), y)
+            loss = objective(logits.float(), y, x, idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -218,14 +235,25 @@ def fit(
     num_classes: int,
     *,
     checkpoint: Path | None = None,
+    net: MobileNetV1 | None = None,
+    objective: Objective | None = None,
 ) -> TrainResult:
-    """Train ``config.epochs`` epochs and return the network with the best test accuracy."""
+    """Train ``config.epochs`` epochs and return the network with the best test accuracy.
+
+    ``net`` continues training a given network (e.g. fine-tuning after pruning, its own
+    architecture kept) instead of a fresh one; ``objective`` replaces the cross-entropy loss
+    (e.g. distillation).
+    """
     seed_everything(config.seed)
     device = pick_device(config.device)
     if device.type == "cpu":
         configure_cpu_threads()
-    args = model_args(config, num_classes, pixels.channels)
-    net = MobileNetV1(**args).to(device)
+    if net is None:
+        net = MobileNetV1(**model_args(config, num_classes, pixels.channels))
+    else:
+        net = copy.deepcopy(net)  # trained in place below; the caller's network stays as it was
+    args = net.constructor_args()
+    net = net.to(device)
     if config.channels_last:
         net = net.to(memory_format=torch.channels_last)
     gen = torch.Generator().manual_seed(config.seed)
@@ -266,6 +294,7 @@ def fit(
             fill,
             epoch=epoch,
             max_steps=max_steps,
+            objective=objective,
         )
         test_loss, test_acc = evaluate(
             net,
@@ -295,7 +324,9 @@ def fit(
             best_acc, best_epoch = test_acc, epoch
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
             if checkpoint is not None:
-                save_checkpoint(checkpoint, best_state, args, epoch, test_acc, config)
+                save_checkpoint(
+                    checkpoint, best_state, args, epoch, test_acc, config, pixels=pixels
+                )
     seconds = time.perf_counter() - start
     best = MobileNetV1(**args)
     best.load_state_dict(best_state if best_state is not None else copy.deepcopy(net.state_dict()))
@@ -303,7 +334,14 @@ def fit(
 
 
 def save_checkpoint(
-    path: Path, state: dict, args: dict, epoch: int, accuracy: float, config: BuildConfig
+    path: Path,
+    state: dict,
+    args: dict,
+    epoch: int,
+    accuracy: float,
+    config: BuildConfig,
+    *,
+    pixels: Preprocessing | None = None,
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -314,6 +352,9 @@ def save_checkpoint(
             "epoch": epoch,
             "test_accuracy": accuracy,
             "config": config.model_dump(),
+            # The preprocessing the weights expect: a teacher loaded from this checkpoint must
+            # see the same pixels as its student.
+            "pixels": pixels.model_dump() if pixels is not None else None,
         },
         tmp,
     )
