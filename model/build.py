@@ -1,4 +1,5 @@
-"""The build pipeline: data -> network -> train -> evaluate -> export -> verify -> [int8] -> card.
+"""The build pipeline: data -> network -> train [-> prune -> fine-tune] -> evaluate -> export ->
+verify -> [int8] -> card.
 
 :func:`build` runs the named stages in order; each is a function of what the stages before it
 produced, so a test (or a sweep) can run one alone. The graph is verified in memory and each
@@ -29,7 +30,15 @@ from model.export import export_graph, with_build_info
 from model.network import MobileNetV1
 from model.quantize import int8_spec, quantize_graph
 from model.recipes import BuildConfig
-from model.train import DRY_RUN_STEPS, fit, model_args, pick_device, seed_everything
+from model.train import (
+    DRY_RUN_STEPS,
+    fit,
+    load_checkpoint,
+    model_args,
+    pick_device,
+    save_checkpoint,
+    seed_everything,
+)
 from model.verify import VerifyReport, ort_session, verify
 from sepconv import preprocess
 from sepconv.preprocess import Preprocessing
@@ -61,6 +70,19 @@ class Trained:
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     device: str = "cpu"
+    #: Epochs behind these weights, those of a starting checkpoint included.
+    epochs: int = 0
+    #: What pruning did (ratio, widths and parameters before and after, fine-tuning history).
+    pruning: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Teaching:
+    """A teacher's soft targets as the training objective (see :mod:`model.distill`)."""
+
+    objective: Any
+    teacher: str  # one line: which network taught
+    logits: str  # "per-batch" (on the augmented batch) or "cached" (computed once)
 
 
 @dataclass(frozen=True)
@@ -116,8 +138,58 @@ def load_stage(config: BuildConfig) -> Data:
     )
 
 
-def train_stage(config: BuildConfig, data: Data, checkpoint: Path) -> Trained:
-    """Train (keeping the best epoch), or build the untrained network and evaluate it as is."""
+def start_stage(config: BuildConfig, data: Data) -> tuple[MobileNetV1 | None, int]:
+    """The network ``init_checkpoint`` holds, and the epochs it was trained; (None, 0) without."""
+    if config.init_checkpoint is None:
+        return None, 0
+    path = Path(config.init_checkpoint)
+    if not path.is_file():
+        raise ValueError(f"--init {path}: no such checkpoint")
+    net, ckpt = load_checkpoint(path)
+    args = ckpt["model_args"]
+    if args["num_classes"] != len(data.labels) or args["in_channels"] != data.pixels.channels:
+        raise ValueError(
+            f"--init {path} has {args['num_classes']} classes and {args['in_channels']} input "
+            f"channel(s); the data has {len(data.labels)} and {data.pixels.channels}"
+        )
+    log.info("starting from %s (epoch %s of its build)", path, ckpt.get("epoch"))
+    return net, int(ckpt.get("config", {}).get("epochs", 0))
+
+
+def teacher_stage(config: BuildConfig, data: Data) -> Teaching | None:
+    """Open ``--teacher`` and make the distillation objective; None without a teacher."""
+    if config.teacher is None:
+        return None
+    from model.distill import TeacherError, distillation_objective, load_teacher
+
+    if data.train is None or (config.epochs == 0 and not (config.prune and config.prune_epochs)):
+        raise ValueError("--teacher needs training data and epochs to train the student for")
+    device = pick_device(config.device)
+    try:
+        teacher = load_teacher(config.teacher, data.pixels, data.labels, device)
+    except TeacherError as exc:
+        raise ValueError(str(exc)) from None
+    objective, mode = distillation_objective(
+        config,
+        teacher,
+        data.train,
+        data.pixels,
+        device,
+        temperature=config.distill_temperature,
+        weight=config.distill_weight,
+    )
+    return Teaching(objective, teacher.description, mode)
+
+
+def train_stage(
+    config: BuildConfig, data: Data, checkpoint: Path, teaching: Teaching | None = None
+) -> Trained:
+    """Train (keeping the best epoch), or build the untrained network and evaluate it as is.
+
+    With ``init_checkpoint`` training continues from that network (its architecture kept);
+    with a teacher the loss is the distillation objective.
+    """
+    start, start_epochs = start_stage(config, data)
     if data.train is not None and config.epochs > 0:
         result = fit(
             config,
@@ -126,6 +198,8 @@ def train_stage(config: BuildConfig, data: Data, checkpoint: Path) -> Trained:
             data.pixels,
             len(data.labels),
             checkpoint=checkpoint,
+            net=start,
+            objective=teaching.objective if teaching else None,
         )
         return Trained(
             net=result.net,
@@ -134,9 +208,77 @@ def train_stage(config: BuildConfig, data: Data, checkpoint: Path) -> Trained:
             history=[dataclasses.asdict(h) for h in result.history],
             seconds=result.seconds,
             device=result.device,
+            epochs=start_epochs + config.epochs,
         )
-    net = MobileNetV1(**model_args(config, len(data.labels), data.pixels.channels)).eval()
-    return Trained(net=net, torch_accuracy=evaluate_stage(config, net, data))
+    net = start or MobileNetV1(**model_args(config, len(data.labels), data.pixels.channels))
+    net.eval()
+    return Trained(net=net, torch_accuracy=evaluate_stage(config, net, data), epochs=start_epochs)
+
+
+def prune_stage(
+    config: BuildConfig,
+    data: Data,
+    trained: Trained,
+    checkpoint: Path,
+    teaching: Teaching | None = None,
+) -> Trained:
+    """Remove ``config.prune`` of every layer's channels, then fine-tune (see :mod:`model.prune`).
+
+    ``checkpoint`` afterwards holds the pruned network (its widths in the constructor
+    arguments), so it always describes the exported model.
+    """
+    from model.prune import fine_tune_settings, prune_channels
+
+    result = prune_channels(trained.net, config.prune, data.pixels.input_size)
+    pruning: dict[str, Any] = {
+        "ratio": config.prune,
+        "widths_before": result.widths_before,
+        "widths_after": result.widths_after,
+        "params_before": result.params_before,
+        "params_after": result.params_after,
+        "accuracy_before": trained.torch_accuracy,
+        "fine_tune_epochs": 0,
+        "history": [],
+    }
+    if data.train is not None and config.prune_epochs > 0:
+        settings = fine_tune_settings(config)
+        fitted = fit(
+            config.model_copy(update=settings),
+            data.train,
+            data.test,
+            data.pixels,
+            len(data.labels),
+            checkpoint=checkpoint,
+            net=result.net,
+            objective=teaching.objective if teaching else None,
+        )
+        pruning |= {
+            "fine_tune_epochs": config.prune_epochs,
+            "fine_tune_lr": settings["lr"],
+            "history": [dataclasses.asdict(h) for h in fitted.history],
+            "seconds": round(fitted.seconds, 1),
+        }
+        return dataclasses.replace(
+            trained,
+            net=fitted.net,
+            torch_accuracy=fitted.best_accuracy,
+            seconds=trained.seconds + fitted.seconds,
+            device=fitted.device,
+            epochs=trained.epochs + config.prune_epochs,
+            pruning=pruning,
+        )
+    net = result.net.eval()
+    accuracy = evaluate_stage(config, net, data)
+    save_checkpoint(
+        checkpoint,
+        net.state_dict(),
+        net.constructor_args(),
+        trained.best_epoch,
+        accuracy if accuracy is not None else float("nan"),
+        config,
+        pixels=data.pixels,
+    )
+    return dataclasses.replace(trained, net=net, torch_accuracy=accuracy, pruning=pruning)
 
 
 def evaluate_stage(config: BuildConfig, net: nn.Module, data: Data) -> float | None:
@@ -149,17 +291,28 @@ def evaluate_stage(config: BuildConfig, net: nn.Module, data: Data) -> float | N
     return accuracy
 
 
-def describe_stage(config: BuildConfig, data: Data) -> ModelSpec:
-    """The model's spec, everything but the measured accuracy."""
+def describe_stage(
+    config: BuildConfig, data: Data, trained: Trained, teaching: Teaching | None = None
+) -> ModelSpec:
+    """The model's spec, everything but the measured accuracy.
+
+    Architecture fields come from the network itself, so a network started from a checkpoint
+    or pruned is described as it is, not as the settings would have built it.
+    """
+    net = trained.net
     spec = ModelSpec(
         **data.pixels.model_dump(),
         name=config.name,
         version=config.version,
         labels=data.labels,
-        alpha=config.alpha,
-        stem_stride=config.resolved_stem_stride(),
-        recipe=config.recipe if config.epochs > 0 else "untrained",
-        epochs=config.epochs,
+        alpha=net.alpha,
+        stem_stride=net.stem_stride,
+        conv=net.conv,
+        prune_ratio=config.prune,
+        widths=net.widths if trained.pruning else None,
+        teacher=teaching.teacher if teaching else "",
+        recipe=config.recipe if trained.epochs > 0 else "untrained",
+        epochs=trained.epochs,
         dataset=data.name,
         data_fingerprint=data.fingerprint,
     )
@@ -234,7 +387,22 @@ def card_stage(
     report: VerifyReport,
     int8: Int8Result,
     started: float,
+    teaching: Teaching | None = None,
 ) -> tuple[Path, Path]:
+    optimization = {
+        "conv": spec.conv,
+        "pruning": trained.pruning,
+        "distillation": {
+            "teacher": teaching.teacher,
+            "teacher_path": config.teacher,
+            "temperature": config.distill_temperature,
+            "weight": config.distill_weight,
+            "teacher_logits": teaching.logits,
+        }
+        if teaching
+        else None,
+        "init_checkpoint": config.init_checkpoint,
+    }
     results = {
         "verified": report.ok,
         "problems": report.problems,
@@ -254,6 +422,7 @@ def card_stage(
         "config": config.model_dump(),
         "results": results,
         "history": trained.history,
+        "optimization": optimization,
         "parameters": sum(p.numel() for p in trained.net.parameters() if p.requires_grad),
         "train_images": len(data.train) if data.train is not None else 0,
         "test_images": len(data.test) if data.test is not None else 0,
@@ -278,9 +447,10 @@ def build(config: BuildConfig, out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "build_config.json").write_text(config.to_json())
     log.info(
-        "recipe %s: alpha %g, %d px, %d epoch(s), data %s; all settings in %s",
+        "recipe %s: alpha %g %s, %d px, %d epoch(s), data %s; all settings in %s",
         config.recipe,
         config.alpha,
+        config.conv,
         config.input_size,
         config.epochs,
         config.data,
@@ -289,8 +459,11 @@ def build(config: BuildConfig, out: Path) -> int:
     seed_everything(config.seed)
 
     data = load_stage(config)
-    trained = train_stage(config, data, out / "checkpoint.pt")
-    spec = describe_stage(config, data)
+    teaching = teacher_stage(config, data)
+    trained = train_stage(config, data, out / "checkpoint.pt", teaching)
+    if config.prune > 0:
+        trained = prune_stage(config, data, trained, out / "checkpoint.pt", teaching)
+    spec = describe_stage(config, data, trained, teaching)
     graph = export_stage(trained.net, spec)
     report = verify_stage(config, graph, trained, data)
     spec = spec.model_copy(update={"test_accuracy": report.onnx_accuracy})
@@ -298,7 +471,9 @@ def build(config: BuildConfig, out: Path) -> int:
     int8 = Int8Result()
     if config.int8 and report.ok:
         int8 = int8_stage(config, graph, spec, data, out)
-    json_path, md_path = card_stage(out, config, spec, data, trained, report, int8, started)
+    json_path, md_path = card_stage(
+        out, config, spec, data, trained, report, int8, started, teaching
+    )
     log.info(
         "wrote %s, %s, %s in %.1f s", model_path, json_path, md_path, time.perf_counter() - started
     )

@@ -63,6 +63,7 @@ def render_markdown(card: dict[str, Any]) -> str:
     ]
     if res.get("int8_accuracy") is not None or res.get("int8_path"):
         lines.append(f"| Test accuracy, ONNX Runtime INT8 | {_pct(res.get('int8_accuracy'))} |")
+    lines += _optimization_rows(card.get("optimization") or {}, spec)
     lines += [
         f"| Verification | {'passed' if res['verified'] else 'FAILED'} |",
         f"| Data fingerprint (sha256) | `{spec['data_fingerprint'] or 'n/a'}` |",
@@ -72,6 +73,7 @@ def render_markdown(card: dict[str, Any]) -> str:
     ]
     if res.get("problems"):
         lines += ["## Problems", ""] + [f"- {p}" for p in res["problems"]] + [""]
+    pruning = (card.get("optimization") or {}).get("pruning") or {}
     if card.get("history"):
         lines += [
             "## Training history",
@@ -86,8 +88,70 @@ def render_markdown(card: dict[str, Any]) -> str:
                 f"{h['images_per_second']:.0f} | {h['seconds']:.1f} |"
             )
         lines.append("")
+    if pruning.get("history"):
+        lines += [
+            "## Fine-tuning after pruning",
+            "",
+            "| Epoch | Train loss | Train acc | Test loss | Test acc | img/s | Seconds |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for h in pruning["history"]:
+            lines.append(
+                f"| {h['epoch']} | {h['train_loss']:.4f} | {_pct(h['train_accuracy'])} | "
+                f"{h['test_loss']:.4f} | {_pct(h['test_accuracy'])} | "
+                f"{h['images_per_second']:.0f} | {h['seconds']:.1f} |"
+            )
+        lines.append("")
     lines += ["## Labels", "", ", ".join(f"`{label}`" for label in spec["labels"][:50])]
     if len(spec["labels"]) > 50:
         lines[-1] += f", ... ({len(spec['labels'])} in all)"
     lines.append("")
     return "\n".join(lines)
+
+
+def _optimization_rows(opt: dict[str, Any], spec: dict[str, Any]) -> list[str]:
+    """How the network was made cheaper: convolution type, pruning, distillation, precision."""
+    conv = spec.get("conv", "separable")
+    rows = [
+        "| Convolutions | "
+        + (
+            "standard 3x3 in place of each separable pair (the paper's Table 4 baseline)"
+            if conv == "standard"
+            else "depthwise-separable (3x3 depthwise + 1x1 pointwise)"
+        )
+        + " |",
+        f"| Precision | {spec.get('precision', 'fp32')} |",
+    ]
+    if opt.get("init_checkpoint"):
+        rows.append(f"| Started from | `{opt['init_checkpoint']}` |")
+    pruning = opt.get("pruning")
+    if pruning:
+        tuned = (
+            f"fine-tuned {pruning['fine_tune_epochs']} epoch(s) at lr "
+            f"{pruning.get('fine_tune_lr', 0):g}"
+            if pruning["fine_tune_epochs"]
+            else "not fine-tuned"
+        )
+        rows += [
+            f"| Pruning | {100 * pruning['ratio']:g}% of every layer's output channels removed "
+            f"(Torch-Pruning, L2 magnitude), {tuned}; parameters {pruning['params_before']:,} "
+            f"-> {pruning['params_after']:,}; PyTorch test accuracy before pruning "
+            f"{_pct(pruning['accuracy_before'])} |",
+            f"| Widths (stem, blocks) | {pruning['widths_before']} -> {pruning['widths_after']} |",
+        ]
+    else:
+        rows.append("| Pruning | none |")
+    kd = opt.get("distillation")
+    if kd:
+        logits = (
+            "computed once, no augmentation"
+            if kd["teacher_logits"] == "cached"
+            else "on each augmented batch"
+        )
+        rows.append(
+            f"| Distillation | from {kd['teacher']}; temperature {kd['temperature']:g}, "
+            f"soft-target weight {kd['weight']:g}; teacher logits {logits} |"
+        )
+    else:
+        rows.append("| Distillation | none |")
+    return rows

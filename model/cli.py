@@ -1,4 +1,5 @@
-"""``python -m model build ...`` (also ``sepconv-build``) and ``python -m model cost ...``.
+"""``python -m model build ...`` (also ``sepconv-build``), ``python -m model cost ...`` and
+``python -m model sweep ...``.
 
 The build runs the stages of :mod:`model.build` (data -> network -> train -> evaluate -> export ->
 verify [-> int8] -> card) and writes ``OUT/model.onnx``, ``OUT/model_card.json``,
@@ -86,6 +87,40 @@ def _add_build_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="train a few batches, test on a few hundred images (CI smoke)",
     )
+    o = p.add_argument_group("optimisation (docs/optimization.md measures each)")
+    o.add_argument(
+        "--conv",
+        choices=("separable", "standard"),
+        help="standard: one full 3x3 conv in place of each separable pair (paper's Table 4)",
+    )
+    o.add_argument(
+        "--init",
+        dest="init_checkpoint",
+        metavar="CHECKPOINT",
+        help="start from this checkpoint.pt (its architecture and weights); with --epochs 0 "
+        "nothing is trained before pruning",
+    )
+    o.add_argument(
+        "--prune",
+        type=float,
+        metavar="RATIO",
+        help="remove this share of every layer's channels after training, then fine-tune",
+    )
+    o.add_argument("--prune-epochs", type=int, help="fine-tuning epochs after pruning (2)")
+    o.add_argument("--prune-lr", type=float, help="fine-tuning peak lr (default: lr / 10)")
+    o.add_argument(
+        "--teacher",
+        metavar="PATH",
+        help="distil from this checkpoint.pt or ONNX model (same input and classes)",
+    )
+    o.add_argument(
+        "--distill-temperature", type=float, help="softmax temperature of the soft targets (4)"
+    )
+    o.add_argument(
+        "--distill-weight",
+        type=float,
+        help="weight of the soft targets against the labels, in [0, 1] (0.9)",
+    )
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -95,7 +130,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 def config_from_args(args: argparse.Namespace) -> BuildConfig:
     overrides = _overrides(args)
     config = resolve(args.recipe, args.config, overrides)
-    if config.epochs == 0 and args.data is None:
+    if config.epochs == 0 and args.data is None and config.init_checkpoint is None:
         paper = {k: v for k, v in PAPER_DEFAULTS.items() if overrides.get(k) is None}
         config = resolve(args.recipe, args.config, overrides | paper | {"data": "none"})
     return config
@@ -133,16 +168,17 @@ def make_parser() -> argparse.ArgumentParser:
     build_parser.set_defaults(func=run_build)
     # Imported here, not at the top: the cost report pulls in onnxruntime, which `build --help`
     # and importing this module do not need.
-    from model import cost_cli
+    from model import cost_cli, sweep
 
     cost_cli.add_parser(sub)
+    sweep.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `sepconv-build --recipe smoke` means `build`: the subcommand is optional on that script.
-    if not argv or argv[0] not in ("build", "cost", "-h", "--help"):
+    if not argv or argv[0] not in ("build", "cost", "sweep", "-h", "--help"):
         argv.insert(0, "build")
     # Our progress at INFO; libraries only when they warn.
     logging.basicConfig(

@@ -102,7 +102,8 @@ def export_onnx(net: nn.Module, spec: ModelSpec, path: str | Path) -> Path:
 
 
 def _name_layers(proto: onnx.ModelProto) -> None:
-    """Give the compute nodes the paper's layer names (``stem``, ``block3.depthwise``, ...).
+    """Give the compute nodes the paper's layer names (``stem``, ``block3.depthwise``, ...;
+    ``block3.conv`` for the standard-conv variant).
 
     The exporter calls them ``node_Conv_392``; the cost report and ORT profiles show node
     names, so they should say which layer of Table 1 they are. Names are assigned in graph
@@ -111,8 +112,17 @@ def _name_layers(proto: onnx.ModelProto) -> None:
     convs = [n for n in proto.graph.node if n.op_type == "Conv"]
     gemms = [n for n in proto.graph.node if n.op_type == "Gemm"]
     groups = [next((a.i for a in n.attribute if a.name == "group"), 1) for n in convs]
+    if len(gemms) != 1 or not convs or groups[0] != 1:
+        return
+    if len(convs) > 1 and all(g == 1 for g in groups):
+        # --conv standard: stem, then one full conv per block
+        convs[0].name = "stem"
+        for block, conv in enumerate(convs[1:], start=1):
+            conv.name = f"block{block}.conv"
+        gemms[0].name = "classifier"
+        return
     # stem, then (depthwise, pointwise) per block, then the classifier
-    if len(gemms) != 1 or len(convs) % 2 != 1 or groups[0] != 1:
+    if len(convs) % 2 != 1:
         return
     pairs = list(zip(groups[1::2], groups[2::2], strict=True))
     if not all(dw > 1 and pw == 1 for dw, pw in pairs):

@@ -53,6 +53,23 @@ class BuildConfig(BaseModel):
     dry_run: bool = False
     int8: bool = False
     calibration_size: int = Field(500, ge=1)
+    #: ``standard`` replaces every depthwise + pointwise pair with one full 3x3 conv (same
+    #: stride and output channels): the paper's Table 4 baseline.
+    conv: Literal["separable", "standard"] = "separable"
+    #: Start from this checkpoint's architecture and weights instead of a fresh network (with
+    #: ``epochs`` 0 nothing is trained before pruning: the way to prune a finished build).
+    init_checkpoint: str | None = None
+    #: Structured pruning after training: this share of every layer's output channels is
+    #: removed (Torch-Pruning), then the network is fine-tuned for ``prune_epochs``.
+    prune: float = Field(0.0, ge=0, lt=1)
+    prune_epochs: int = Field(2, ge=0)
+    #: Peak learning rate of the fine-tuning; ``None``: a tenth of ``lr``.
+    prune_lr: float | None = Field(None, gt=0)
+    #: Knowledge distillation: a checkpoint (.pt) or an ONNX model whose soft targets train the
+    #: network, mixed with the labels as ``distill_weight`` * soft + (1 - weight) * hard.
+    teacher: str | None = None
+    distill_temperature: float = Field(4.0, gt=0)
+    distill_weight: float = Field(0.9, ge=0, le=1)
     name: str = "mobilenet_v1"
     version: str = "1"
 

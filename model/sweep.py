@@ -1,6 +1,6 @@
 """``python -m model sweep``: what width, standard convs, pruning, distillation and INT8 buy.
 
-Every variant is an ordinary build (:func:`model.cli.build`) on the same data with the same seed,
+Every variant is an ordinary build (:func:`model.build.build`) on the same data with the same seed,
 written to its own folder under ``--out``. A variant that needs another one (a pruned network
 needs the checkpoint it prunes, a distilled one its teacher) comes after it in the plan. Each
 finished variant leaves ``result.json`` with the settings it was built with and what was measured;
@@ -144,7 +144,7 @@ Builder = Callable[[str, dict[str, Any], Path], int]
 
 
 def default_builder(recipe: str, settings: dict[str, Any], out: Path) -> int:
-    from model.cli import build
+    from model.build import build
     from model.recipes import resolve
 
     return build(resolve(recipe, overrides=settings), out)
@@ -211,8 +211,8 @@ def measure_model(path: Path, variant: Variant, *, seconds: float) -> dict[str, 
         "file": str(path),
         "precision": spec.precision,
         "alpha": spec.alpha,
-        "conv": getattr(spec, "conv", variant.settings.get("conv", "separable")),
-        "prune_ratio": variant.settings.get("prune", 0.0),
+        "conv": spec.conv,
+        "prune_ratio": spec.prune_ratio,
         "teacher": variant.teacher or "",
         "accuracy": spec.test_accuracy,
         "mult_adds": report.totals.mult_adds,
@@ -339,7 +339,9 @@ _RECIPE_NOTES = {
 
 
 def _machine() -> str:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from sepconv.hardware import available_cores
+
+    cores = available_cores()
     name = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -417,8 +419,13 @@ def run(args) -> int:
         }.items()
         if v is not None
     }
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     try:
-        rows = run_sweep(args.recipe, args.out, base=base, only=args.only, remeasure=args.remeasure)
+        with logging_redirect_tqdm():
+            rows = run_sweep(
+                args.recipe, args.out, base=base, only=args.only, remeasure=args.remeasure
+            )
     except (SweepError, DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1 if isinstance(exc, SweepError) else 2

@@ -66,6 +66,7 @@ def model_args(config: BuildConfig, num_classes: int, channels: int) -> dict:
         "alpha": config.alpha,
         "stem_stride": config.resolved_stem_stride(),
         "dropout": config.dropout,
+        "conv": config.conv,
     }
 
 

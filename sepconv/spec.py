@@ -25,6 +25,9 @@ KEY_PREFIX = "sepconv."
 SCHEMA_VERSION = "1"
 
 Precision = Literal["fp32", "int8"]
+#: ``separable``: MobileNetV1's depthwise + pointwise pairs; ``standard``: one full 3x3 conv in
+#: place of each pair (the paper's Table 4 baseline).
+ConvType = Literal["separable", "standard"]
 
 
 class SpecError(ValueError):
@@ -46,6 +49,13 @@ class ModelSpec(Preprocessing):
     alpha: float = Field(gt=0, le=1)
     stem_stride: int = Field(2, ge=1, le=2)
     precision: Precision = "fp32"
+    conv: ConvType = "separable"
+    #: Share of every layer's output channels removed by structured pruning (0: not pruned).
+    prune_ratio: float = Field(0.0, ge=0, lt=1)
+    #: Output channels of the stem and of each block after pruning; None when not pruned.
+    widths: list[int] | None = None
+    #: The network whose soft targets trained this one ("" when not distilled).
+    teacher: str = ""
     recipe: str = "untrained"
     epochs: int = 0
     dataset: str = ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -268,3 +269,81 @@ def test_teacher_logits_are_cached_only_without_augmentation(dataset, tmp_path):
     assert not torch.allclose(
         per_batch(student, y, augmented, idx), cached(student, y, augmented, idx)
     )
+
+
+# ------------------------------------------------------------------------ through the build CLI
+
+
+def _build(*argv: str) -> int:
+    from model import cli
+
+    return cli.main(["build", *argv])
+
+
+def test_cli_prunes_and_distils_and_every_report_says_so(tmp_path):
+    folder = make_folder(tmp_path / "shapes", per_class=10)
+    common = ("--data", str(folder), "--recipe", "smoke", "--input-size", "16", "--dry-run")
+    teacher, base, student = tmp_path / "teacher", tmp_path / "base", tmp_path / "student"
+    assert _build(*common, "--conv", "standard", "--out", str(teacher)) == 0
+    assert _build(*common, "--epochs", "1", "--out", str(base)) == 0
+    # Prune the finished build's checkpoint (no training from scratch), fine-tune it against
+    # the standard-conv teacher's ONNX export.
+    assert _build(*common, "--init", str(base / "checkpoint.pt"), "--epochs", "0",
+                  "--prune", "0.5", "--prune-epochs", "1",
+                  "--teacher", str(teacher / "model.onnx"), "--distill-temperature", "3",
+                  "--out", str(student)) == 0  # fmt: skip
+
+    from sepconv.spec import read_spec
+
+    assert read_spec(teacher / "model.onnx").conv == "standard"
+    spec = read_spec(student / "model.onnx")
+    full = layer_widths(0.25)
+    assert spec.prune_ratio == 0.5 and spec.widths == [w // 2 for w in full]
+    assert "teacher/model.onnx" in spec.teacher and spec.recipe == "smoke" and spec.epochs == 2
+    card = json.loads((student / "model_card.json").read_text())
+    opt = card["optimization"]
+    assert opt["pruning"]["widths_before"] == full and opt["pruning"]["fine_tune_epochs"] == 1
+    assert opt["distillation"]["temperature"] == 3 and opt["distillation"]["weight"] == 0.9
+    assert opt["distillation"]["teacher_logits"] == "per-batch"  # the smoke recipe flips
+    assert card["results"]["verified"]
+    md = (student / "model_card.md").read_text()
+    assert "| Pruning | 50% of every layer's output channels removed" in md
+    assert "| Distillation | from " in md and "Fine-tuning after pruning" in md
+    # The checkpoint is the pruned network, so it rebuilds what was exported.
+    net, _ = load_checkpoint(student / "checkpoint.pt")
+    assert net.widths == spec.widths
+    # The cost report's per-layer table shows the pruned widths and the paper's layer names.
+    report = analyze_model(student / "model.onnx")
+    assert report.layers[0].name == "stem" and report.layers[0].output_channels == full[0] // 2
+    pointwise = [layer for layer in report.layers if layer.kind == LayerKind.POINTWISE]
+    assert [layer.output_channels for layer in pointwise] == spec.widths[1:]
+    assert analyze_model(base / "model.onnx").totals.mult_adds > 3 * report.totals.mult_adds
+    std = analyze_model(teacher / "model.onnx")
+    assert [layer.name for layer in std.layers][:3] == ["stem", "block1.conv", "block2.conv"]
+
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+    from service.settings import Settings
+
+    app = create_app(Settings(model_path=student / "model.onnx", warmup_runs=1))
+    with TestClient(app) as client:
+        body = client.get("/v1/models").json()
+    assert body["optimization"]["prune_ratio"] == 0.5
+    assert body["optimization"]["widths"] == spec.widths
+    assert body["optimization"]["teacher"] == spec.teacher
+    assert body["optimization"]["conv"] == "separable"
+
+
+def test_cli_refuses_unusable_optimisation_settings(tmp_path, capsys):
+    folder = make_folder(tmp_path / "shapes", per_class=4)
+    common = ("--data", str(folder), "--recipe", "smoke", "--input-size", "16", "--dry-run",
+              "--out", str(tmp_path / "out"))  # fmt: skip
+    assert _build(*common, "--prune", "1.0") == 2
+    assert "prune" in capsys.readouterr().err
+    assert _build(*common, "--teacher", str(tmp_path / "none.onnx")) == 2
+    assert "none.onnx: no such file" in capsys.readouterr().err
+    assert _build(*common, "--init", str(tmp_path / "none.pt"), "--epochs", "0") == 2
+    assert "none.pt: no such checkpoint" in capsys.readouterr().err
+    assert _build(*common, "--distill-weight", "2") == 2
+    assert "distill_weight" in capsys.readouterr().err

@@ -90,6 +90,8 @@ def test_models_endpoint_reports_the_metadata(client, tiny_model_path):
     assert (body["input"]["color_mode"], body["input"]["mean"]) == ("L", [0.5])
     assert body["providers"] == ["CPUExecutionProvider"]
     assert (body["alpha"], body["accuracy"]) == (0.25, 0.5)
+    assert body["optimization"] == {"conv": "separable", "precision": "fp32",
+                                    "prune_ratio": 0.0, "widths": None, "teacher": ""}  # fmt: skip
 
 
 def test_missing_model_fails_the_lifespan(tmp_path):

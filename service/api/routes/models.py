@@ -27,6 +27,28 @@ class InputSpec(BaseModel):
     std: list[float] = Field(examples=[[0.353]])
 
 
+class Optimization(BaseModel):
+    """How the served network was made cheaper, as its build recorded it."""
+
+    conv: str = Field(
+        description="separable (depthwise + pointwise) or standard (full 3x3 convs).",
+        examples=["separable"],
+    )
+    precision: str = Field(examples=["fp32"])
+    prune_ratio: float = Field(
+        description="Share of every layer's output channels removed (0: not pruned).",
+        examples=[0.5],
+    )
+    widths: list[int] | None = Field(
+        description="Output channels of the stem and of each block after pruning.",
+        examples=[[8, 16, 32, 32, 64, 64, 128, 128, 128, 128, 128, 128, 256, 256]],
+    )
+    teacher: str = Field(
+        description="The network whose soft targets trained this one ('' if not distilled).",
+        examples=["mobilenet_v1-sep-1.0 alpha 1, test accuracy 92.96% (sep-1.0/model.onnx)"],
+    )
+
+
 class ModelInfo(BaseModel):
     name: str = Field(examples=["mobilenet_v1-fashion-mnist"])
     version: str = Field(examples=["1"])
@@ -40,6 +62,7 @@ class ModelInfo(BaseModel):
     alpha: float = Field(description="Width multiplier.", examples=[0.5])
     accuracy: float | None = Field(description="Test accuracy from the card.", examples=[0.91])
     precision: str = Field(examples=["fp32"])
+    optimization: Optimization
     dataset: str = Field(examples=["fashion-mnist"])
     recipe: str = Field(examples=["quick"])
     epochs: int = Field(examples=[8])
@@ -69,6 +92,13 @@ def describe(runtime: ModelRuntime) -> ModelInfo:
         alpha=spec.alpha,
         accuracy=spec.test_accuracy,
         precision=spec.precision,
+        optimization=Optimization(
+            conv=spec.conv,
+            precision=spec.precision,
+            prune_ratio=spec.prune_ratio,
+            widths=spec.widths,
+            teacher=spec.teacher,
+        ),
         dataset=spec.dataset,
         recipe=spec.recipe,
         epochs=spec.epochs,
@@ -81,8 +111,9 @@ def describe(runtime: ModelRuntime) -> ModelInfo:
     "/v1/models",
     summary="Describe the served model",
     description="Name, version, labels, input contract (size, colour mode, normalisation), "
-    "the execution providers that really run it, width multiplier and test accuracy, all "
-    "read from the ONNX file's metadata.",
+    "the execution providers that really run it, width multiplier, test accuracy and how the "
+    "network was optimised (convolution type, pruning, teacher, precision), all read from the "
+    "ONNX file's metadata.",
     response_model=ModelInfo,
     responses=error_example(503, "not_ready", NOT_READY_DETAIL, "Model not loaded yet."),
 )
