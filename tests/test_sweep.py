@@ -135,3 +135,26 @@ def test_plot_is_written(tmp_path):
     rows = [_row("sep-0.25", 0.90, 1.0), _row("sep-1.0", 0.93, 5.0)]
     path = write_plot(rows, tmp_path / "plot.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("name", list(sweep.SWEEPS))
+def test_every_planned_variant_is_a_valid_build(name, tmp_path):
+    from model.recipes import resolve
+
+    recipe = sweep.SWEEPS[name]
+    seen = set()
+    for variant in recipe.variants:
+        for dep in (variant.prune_from, variant.teacher):
+            assert dep is None or dep in seen, f"{variant.name} needs {dep} built before it"
+        config = resolve(recipe.build_recipe, overrides=sweep.variant_settings(
+            recipe, variant, tmp_path, {}))  # fmt: skip
+        assert config.alpha == variant.settings["alpha"]
+        seen.add(variant.name)
+
+
+def test_sweep_subcommand_is_registered(capsys):
+    from model import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["sweep", "--help"])
+    assert info.value.code == 0 and "--remeasure" in capsys.readouterr().out
