@@ -267,12 +267,25 @@ def run_sweep(
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     plan = [v for v in recipe.variants if v.name in wanted]
+    by_name = {v.name: v for v in recipe.variants}
     for variant in progress(plan, desc="sweep", unit="variant"):
         vdir = out / variant.name
         settings = variant_settings(recipe, variant, out, base or {})
         result_path = vdir / RESULT_FILE
         done = _load_result(result_path)
-        if done and done.get("settings") == settings and done.get("schema") == RESULT_SCHEMA:
+        # A variant built from another (pruned from it, taught by it) is stale when that one
+        # was built with other settings, even if its own settings are unchanged.
+        needs = {
+            dep: variant_settings(recipe, by_name[dep], out, base or {})
+            for dep in (variant.prune_from, variant.teacher)
+            if dep
+        }
+        if (
+            done
+            and done.get("settings") == settings
+            and done.get("needs", {}) == needs
+            and done.get("schema") == RESULT_SCHEMA
+        ):
             if remeasure:
                 done["rows"] = _measure(vdir, variant, recipe, done["build_seconds"])
                 _write_json(result_path, done)
@@ -291,6 +304,7 @@ def run_sweep(
             "schema": RESULT_SCHEMA,
             "variant": variant.name,
             "settings": settings,
+            "needs": needs,
             "build_seconds": round(seconds, 1),
             "rows": _measure(vdir, variant, recipe, round(seconds, 1)),
         }

@@ -45,7 +45,9 @@ def fast_timing(monkeypatch):
     )
 
 
-def test_a_second_run_builds_nothing_and_a_changed_setting_rebuilds(tiny_model_path, tmp_path):
+def test_a_second_run_builds_nothing_and_a_changed_setting_rebuilds(
+    tiny_model_path, tmp_path, monkeypatch
+):
     builder = FakeBuilder(tiny_model_path)
     out = tmp_path / "sweep"
     rows = sweep.run_sweep("smoke", out, builder=builder)
@@ -69,6 +71,20 @@ def test_a_second_run_builds_nothing_and_a_changed_setting_rebuilds(tiny_model_p
     # An interrupted run: the variant without its done marker is the only one built.
     (out / "std-0.25" / sweep.RESULT_FILE).unlink()
     assert sweep.run_sweep("smoke", out, builder=again) == rows and again.calls == ["std-0.25"]
+    # A teacher planned with other settings makes its student stale, though the student's own
+    # settings are the same.
+    import dataclasses
+
+    smoke = sweep.SWEEPS["smoke"]
+    variants = tuple(
+        dataclasses.replace(v, settings={**v.settings, "lr": 0.1}) if v.name == "std-0.25" else v
+        for v in smoke.variants
+    )
+    monkeypatch.setitem(sweep.SWEEPS, "smoke", dataclasses.replace(smoke, variants=variants))
+    again.calls.clear()
+    sweep.run_sweep("smoke", out, builder=again)
+    assert again.calls == ["std-0.25", "sep-0.25-kd"]
+    monkeypatch.setitem(sweep.SWEEPS, "smoke", smoke)
     # Other settings mean other models: everything is built again.
     again.calls.clear()
     sweep.run_sweep("smoke", out, builder=again, base={"seed": 1})
