@@ -108,7 +108,7 @@ SWEEPS: dict[str, SweepRecipe] = {
             ),
         ),
     ),
-    # Seconds: CI's check that every kind of variant builds, measures and reports.
+    # About a minute: a check that every kind of variant builds, measures and reports.
     "smoke": SweepRecipe(
         "smoke",
         {"epochs": 1},
