@@ -73,6 +73,7 @@ def findings(rows: list[Row]) -> list[str]:
     vs("sep-0.5-pruned-50", "sep-0.5", "Pruning half the channels of alpha 0.5")
     vs("sep-0.5-pruned-50", "sep-0.25", "Alpha 0.5 pruned to half its width, against alpha 0.25")
     vs("sep-0.25-pruned-25", "sep-0.25", "Pruning a quarter of alpha 0.25's channels")
+    vs("sep-0.25-pruned-50", "sep-0.25", "Pruning half of alpha 0.25's channels")
     vs("sep-0.25-kd", "sep-0.25", "Distillation")
     vs("sep-0.25-int8", "sep-0.25", "INT8 at alpha 0.25")
     vs("sep-1.0-int8", "sep-1.0", "INT8 at alpha 1.0")
