@@ -101,7 +101,13 @@ class OnnxTeacher:
 
         self.path = path
         self.description = description or path
-        self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        opts = ort.SessionOptions()
+        # Between teacher runs PyTorch trains the student on the same cores: ORT's threads
+        # must sleep, not spin, once a batch is done.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(
+            path, sess_options=opts, providers=["CPUExecutionProvider"]
+        )
         self._input = self.session.get_inputs()[0].name
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
