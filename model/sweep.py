@@ -55,8 +55,8 @@ class SweepRecipe:
     #: Settings every variant shares (over the build recipe).
     settings: dict[str, Any]
     variants: tuple[Variant, ...]
-    #: Seconds of timed ORT runs per latency figure.
-    bench_seconds: float = 2.0
+    #: Seconds of timed ORT runs per latency figure (per model and batch size).
+    bench_seconds: float = 3.0
 
 
 def _core(teacher: str, prune_epochs: int, extra_std: tuple[Variant, ...] = ()) -> tuple:
@@ -178,23 +178,59 @@ def _timed(session, feed: dict, seconds: float, max_runs: int) -> list[float]:
     return times
 
 
-def measure_latency(path: Path, *, seconds: float = 2.0) -> dict[str, Any]:
-    """Median batch-1 latency and batch-32 throughput of one CPU ORT session (default threads)."""
+def _open(path: Path):
+    """A CPU ORT session (default threads, as the service's) and its batch-1 and -32 feeds."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     inp = session.get_inputs()[0]
     _, c, h, w = inp.shape
     rng = np.random.default_rng(0)
-    out: dict[str, Any] = {}
-    for batch, key in ((1, "latency_ms_b1"), (32, "images_per_s_b32")):
-        feed = {inp.name: rng.standard_normal((batch, c, h, w)).astype(np.float32)}
-        for _ in range(3):  # warm-up: first runs allocate and pick kernels
+    feeds = {b: {inp.name: rng.standard_normal((b, c, h, w)).astype(np.float32)} for b in (1, 32)}
+    for feed in feeds.values():
+        for _ in range(3):  # warm-up: the first runs allocate and pick kernels
             session.run(None, feed)
-        median = statistics.median(_timed(session, feed, seconds, 2000 if batch == 1 else 500))
-        out[key] = round(median * 1e3, 4) if batch == 1 else round(batch / median, 1)
-    out["ort_threads"] = session.get_session_options().intra_op_num_threads or os.cpu_count()
-    return out
+    return session, feeds
+
+
+def _figures(b1_seconds: float, b32_seconds: float, session) -> dict[str, Any]:
+    return {
+        "latency_ms_b1": round(b1_seconds * 1e3, 4),
+        "images_per_s_b32": round(32 / b32_seconds, 1),
+        "ort_threads": session.get_session_options().intra_op_num_threads or os.cpu_count(),
+    }
+
+
+def measure_latency(path: Path, *, seconds: float = 2.0) -> dict[str, Any]:
+    """Median batch-1 latency and batch-32 throughput of one model, timed alone."""
+    session, feeds = _open(path)
+    b1 = statistics.median(_timed(session, feeds[1], seconds, 2000))
+    b32 = statistics.median(_timed(session, feeds[32], seconds, 500))
+    return _figures(b1, b32, session)
+
+
+def time_together(paths: list[Path], *, seconds: float, rounds: int = 5) -> dict[str, dict]:
+    """Every model timed round-robin in one window: the median of each one's per-round medians.
+
+    On a shared machine the load changes from one minute to the next; models timed one after
+    the other at build time (up to an hour apart) are not comparable, models timed in turns
+    within the same minute are.
+    """
+    from model.data import progress
+
+    opened = {str(p): _open(p) for p in paths}
+    samples: dict[str, dict[int, list[float]]] = {p: {1: [], 32: []} for p in opened}
+    for _ in progress(range(rounds), desc="timing", unit="round"):
+        for path, (session, feeds) in opened.items():
+            for batch in (1, 32):
+                runs = _timed(session, feeds[batch], seconds / rounds, 2000 if batch == 1 else 500)
+                samples[path][batch].append(statistics.median(runs))
+    return {
+        path: _figures(
+            statistics.median(samples[path][1]), statistics.median(samples[path][32]), session
+        )
+        for path, (session, _) in opened.items()
+    }
 
 
 def measure_model(path: Path, variant: Variant, *, seconds: float) -> dict[str, Any]:
@@ -253,7 +289,10 @@ def run_sweep(
     builder: Builder = default_builder,
     remeasure: bool = False,
 ) -> list[dict[str, Any]]:
-    """Build and measure every variant not already done; return every row, in plan order."""
+    """Build and measure every variant not already done; return every row, in plan order.
+
+    When anything was built (or ``remeasure``), every model is then timed again, all together.
+    """
     from model.data import progress
 
     recipe = SWEEPS[recipe_name]
@@ -268,6 +307,8 @@ def run_sweep(
     rows: list[dict[str, Any]] = []
     plan = [v for v in recipe.variants if v.name in wanted]
     by_name = {v.name: v for v in recipe.variants}
+    results: dict[Path, dict[str, Any]] = {}
+    built = False
     for variant in progress(plan, desc="sweep", unit="variant"):
         vdir = out / variant.name
         settings = variant_settings(recipe, variant, out, base or {})
@@ -286,11 +327,9 @@ def run_sweep(
             and done.get("needs", {}) == needs
             and done.get("schema") == RESULT_SCHEMA
         ):
-            if remeasure:
-                done["rows"] = _measure(vdir, variant, recipe, done["build_seconds"])
-                _write_json(result_path, done)
             log.info("%s: already built (%s), skipped", variant.name, result_path)
             rows.extend(done["rows"])
+            results[result_path] = done
             continue
         if done:
             log.info("%s: settings changed since %s, building again", variant.name, result_path)
@@ -310,6 +349,17 @@ def run_sweep(
         }
         _write_json(result_path, result)
         rows.extend(result["rows"])
+        results[result_path] = result
+        built = True
+    if rows and (built or remeasure):
+        # The figures in the table are timed together, so they compare fairly (the per-build
+        # figures stay in each result.json only until then).
+        log.info("timing %d model(s) together", len(rows))
+        timings = time_together([Path(r["file"]) for r in rows], seconds=recipe.bench_seconds)
+        for row in rows:
+            row.update(timings[row["file"]])
+        for path, result in results.items():
+            _write_json(path, result)
     return rows
 
 

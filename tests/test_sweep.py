@@ -32,21 +32,25 @@ class FakeBuilder:
         return 0
 
 
+TIMING = {"latency_ms_b1": 0.5, "images_per_s_b32": 1000.0, "ort_threads": 2}
+
+
 @pytest.fixture(autouse=True)
 def fast_timing(monkeypatch):
-    monkeypatch.setattr(
-        sweep,
-        "measure_latency",
-        lambda path, seconds: {
-            "latency_ms_b1": 0.5,
-            "images_per_s_b32": 1000.0,
-            "ort_threads": 2,
-        },  # fmt: skip
-    )
+    """Timing is bench/'s business: here every model takes 0.5 ms, and rounds are counted."""
+    calls = []
+    monkeypatch.setattr(sweep, "measure_latency", lambda path, seconds: dict(TIMING))
+
+    def together(paths, seconds):
+        calls.append(len(paths))
+        return {str(p): dict(TIMING, latency_ms_b1=0.25) for p in paths}
+
+    monkeypatch.setattr(sweep, "time_together", together)
+    return calls
 
 
 def test_a_second_run_builds_nothing_and_a_changed_setting_rebuilds(
-    tiny_model_path, tmp_path, monkeypatch
+    tiny_model_path, tmp_path, monkeypatch, fast_timing
 ):
     builder = FakeBuilder(tiny_model_path)
     out = tmp_path / "sweep"
@@ -57,6 +61,8 @@ def test_a_second_run_builds_nothing_and_a_changed_setting_rebuilds(
     first = rows[0]
     assert first["accuracy"] == 0.5 and first["mult_adds"] > 0 and first["params"] > 0
     assert rows[1]["precision"] == "int8"
+    # Built, then all five models timed together; the shared figures are in the result files.
+    assert fast_timing == [5] and all(r["latency_ms_b1"] == 0.25 for r in rows)
     result = json.loads((out / "sep-0.25" / sweep.RESULT_FILE).read_text())
     assert result["settings"]["int8"] is True and result["settings"]["alpha"] == 0.25
     pruned = json.loads((out / "sep-0.25-pruned-50" / sweep.RESULT_FILE).read_text())["settings"]
@@ -68,6 +74,9 @@ def test_a_second_run_builds_nothing_and_a_changed_setting_rebuilds(
     # Resumed: every variant is done, nothing is built, the same rows come back.
     again = FakeBuilder(tiny_model_path)
     assert sweep.run_sweep("smoke", out, builder=again) == rows and again.calls == []
+    assert fast_timing == [5]  # nothing built, nothing timed again
+    sweep.run_sweep("smoke", out, builder=again, remeasure=True)
+    assert fast_timing == [5, 5] and again.calls == []
     # An interrupted run: the variant without its done marker is the only one built.
     (out / "std-0.25" / sweep.RESULT_FILE).unlink()
     assert sweep.run_sweep("smoke", out, builder=again) == rows and again.calls == ["std-0.25"]
