@@ -24,8 +24,7 @@ import numpy as np
 
 import bench
 from bench.models import BenchModel, image_format, sample_images
-from bench.peers.process import ManagedServer
-from bench.server import free_port
+from bench.server import ManagedServer, free_port
 
 REPO_ROOT = Path(bench.__file__).resolve().parent.parent
 TOP_K = 5
