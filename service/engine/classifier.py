@@ -10,8 +10,9 @@ turned into service errors.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -22,7 +23,7 @@ from service.engine.admission import Admission
 from service.engine.batcher import Batcher
 from service.engine.context import RequestContext
 from service.engine.observer import NULL_OBSERVER, EngineObserver
-from service.engine.postprocess import softmax, top_k_indices
+from service.engine.postprocess import softmax
 from service.engine.runtime import ModelRuntime
 from service.errors import ImageTooLarge, InvalidImage
 
@@ -89,41 +90,37 @@ class Classifier:
         Admitted (or refused) before any pixel is decoded; while decoding, the images count as
         queued work for the admission of others.
         """
-        ctx = ctx if ctx is not None else RequestContext()
-        started = time.monotonic()
-        self.active += 1
-        try:
+        with self._request(ctx) as (ctx, started):
             with self.admission.reserve(len(blobs)):
                 batch = await self.preprocess(blobs, names)
             ctx.decode_s = time.monotonic() - started
             # No await between the reservation's end and the enqueueing: never counted twice.
-            probs = await self._probabilities(batch, ctx)
-        except BaseException as exc:
-            self.observer.request_finished(ctx, started, time.monotonic() - started, exc)
-            raise
-        finally:
-            self.active -= 1
-        self.observer.request_finished(ctx, started, time.monotonic() - started, None)
-        return probs
+            return await self._probabilities(batch, ctx)
 
     async def classify_tensor(
         self, batch: np.ndarray, ctx: RequestContext | None = None
     ) -> np.ndarray:
         """float32 (N, C, H, W) -> probabilities (N, num_classes), each row through the batcher."""
+        with self._request(ctx) as (ctx, _):
+            self.admission.check(len(batch))
+            return await self._probabilities(batch, ctx)
+
+    @contextlib.contextmanager
+    def _request(self, ctx: RequestContext | None) -> Iterator[tuple[RequestContext, float]]:
+        """One request in progress: counted while it runs (see ``alone``), and reported to the
+        observer when it ends, refused or failed included."""
         ctx = ctx if ctx is not None else RequestContext()
         started = time.monotonic()
+        self.active += 1
         try:
-            self.admission.check(len(batch))
-            self.active += 1
-            try:
-                probs = await self._probabilities(batch, ctx)
-            finally:
-                self.active -= 1
+            yield ctx, started
         except BaseException as exc:
             self.observer.request_finished(ctx, started, time.monotonic() - started, exc)
             raise
-        self.observer.request_finished(ctx, started, time.monotonic() - started, None)
-        return probs
+        else:
+            self.observer.request_finished(ctx, started, time.monotonic() - started, None)
+        finally:
+            self.active -= 1
 
     async def _probabilities(self, batch: np.ndarray, ctx: RequestContext) -> np.ndarray:
         rows = await self._submit_all(batch, ctx)
@@ -148,7 +145,3 @@ class Classifier:
             for fut in futures:
                 fut.cancel()
             raise
-
-    def top_k(self, probs: np.ndarray, k: int) -> np.ndarray:
-        """(N, min(k, classes)) class indices per row, best first, ties in index order."""
-        return top_k_indices(probs, k)
