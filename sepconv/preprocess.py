@@ -92,10 +92,6 @@ class Preprocessing(BaseModel):
             **kwargs,
         )
 
-    def preprocessing(self) -> Preprocessing:
-        """Just the preprocessing fields (a subclass such as ModelSpec carries more)."""
-        return Preprocessing(**{name: getattr(self, name) for name in Preprocessing.model_fields})
-
 
 class ImageError(ValueError):
     """The bytes are not an image we can use; the message is safe to show to the client."""

@@ -33,16 +33,13 @@ import numpy as np
 
 from service.engine.context import RequestContext
 from service.engine.observer import NULL_OBSERVER, EngineObserver
-from service.errors import DeadlineExceeded, InferenceFailed, InvalidInput, Overloaded, ServiceError
+from service.errors import DeadlineExceeded, InferenceFailed, InvalidInput, Overloaded
 
 log = logging.getLogger(__name__)
 
 #: Weight of the newest batch in the per-image service time estimate.
 EWMA_WEIGHT = 0.2
 
-
-#: The batcher's errors are the service's own (framework-free), so every protocol maps them.
-BatcherError = ServiceError
 
 
 class QueueFullError(Overloaded):
