@@ -31,7 +31,7 @@ from sepconv.spec import ModelSpec
 from service import supervisor
 from service.engine.classifier import Classifier
 from service.engine.context import RequestContext
-from service.errors import InferenceFailed, NotFound, NotReady, PayloadTooLarge, ServiceError
+from service.errors import InferenceFailed, NotFound, NotReady, ServiceError
 from service.logs import REQUEST_ID_HEADER, request_id_from, request_id_var, trace_id_var
 from service.metrics import GRPC_DURATION, GRPC_REQUESTS, inference_counters
 from service.protocols import oip, triton
@@ -244,11 +244,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # As over HTTP: refused before the work of parsing when the server is already too busy.
         classifier.admit()
         req = codec.parse_infer_request(request, spec)
-        if req.batch_size > classifier.max_rows:
-            raise PayloadTooLarge(
-                f"{req.batch_size} rows in one request; the server queues at most "
-                f"{classifier.max_rows} (SEPCONV_MAX_QUEUE_SIZE)"
-            )
+        oip.check_rows(req, classifier.max_rows)
         ctx = RequestContext(
             request_id=request_id_var.get(),
             protocol="oip-grpc",

@@ -87,6 +87,16 @@ class InferRequest:
 # --- metadata ---------------------------------------------------------------------------------
 
 
+def check_rows(request: InferRequest, max_rows: int) -> None:
+    """More rows than the server can ever queue at once: 413, since a retry cannot help."""
+    if request.batch_size > max_rows:
+        raise OIPError(
+            f"{request.batch_size} rows in one request; the server queues at most "
+            f"{max_rows} (SEPCONV_MAX_QUEUE_SIZE)",
+            413,
+        )
+
+
 def server_metadata(version: str, extensions: Sequence[str] = EXTENSIONS) -> dict[str, Any]:
     return {"name": SERVER_NAME, "version": version, "extensions": list(extensions)}
 

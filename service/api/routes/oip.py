@@ -17,7 +17,7 @@ import sepconv
 from sepconv.spec import ModelSpec
 from service.api.deps import is_ready, request_context, require_ready
 from service.api.errors import OIPRoute
-from service.errors import NotFound, NotReady, PayloadTooLarge
+from service.errors import NotFound, NotReady
 from service.logs import adopt_request_id
 from service.protocols import oip, triton
 
@@ -99,11 +99,7 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
         max_bytes=settings.max_body_bytes,
     )
     req = oip.parse_request(body, request.headers.get(oip.HEADER_LENGTH), spec)
-    if req.batch_size > classifier.max_rows:
-        raise PayloadTooLarge(
-            f"{req.batch_size} rows in one request; the server queues at most "
-            f"{classifier.max_rows} (SEPCONV_MAX_QUEUE_SIZE)"
-        )
+    oip.check_rows(req, classifier.max_rows)
     adopt_request_id(req.id)
     ctx = request_context("oip-rest")
     if req.images is not None:
