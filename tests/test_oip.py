@@ -677,4 +677,3 @@ def test_tritonclient_concurrent_requests_get_their_own_results(server_url, tiny
             np.testing.assert_allclose(probs, reference(x), rtol=1e-5, atol=1e-6)
     finally:
         c.close()
-

@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 EWMA_WEIGHT = 0.2
 
 
-
 class QueueFullError(Overloaded):
     """The queue is at its bound; the client should retry after ``retry_after_s``."""
 
