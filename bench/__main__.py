@@ -167,6 +167,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ov.add_argument(
         "--overload-connections", type=int, default=1024, help="open-loop connection cap"
     )
+    ov.add_argument(
+        "--overload-storm",
+        type=int,
+        default=overload.DEFAULT_STORM,
+        help="closed-loop clients that resend at once, refused or not (256; 0: none)",
+    )
     ov.add_argument("--overload-pause", type=float, default=2.0, help="idle seconds between")
     ov.add_argument("--overload-idle", type=float, default=5.0, help="idle seconds at the end")
     ov.add_argument(
@@ -456,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
             args.duration
             + args.warmup
             + args.raw_duration
-            + len(args.overload_factors) * (args.overload_duration + args.overload_pause)
+            + (len(args.overload_factors) + bool(args.overload_storm))
+            * (args.overload_duration + args.overload_pause)
             + args.soak
             + args.overload_idle
         )

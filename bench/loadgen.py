@@ -92,6 +92,9 @@ class RunResult:
     latencies: list[float] = field(default_factory=list)
     #: Latencies of answers that refused the request (429, 503): how fast the server says no.
     refused_latencies: list[float] = field(default_factory=list)
+    #: The same refusals timed from the moment the request was written, not from its schedule:
+    #: what the server took, without the client's own lag at sending (open loop only).
+    refused_wire_latencies: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
     client_cpu_s: float = 0.0
     late_sends: int = 0
@@ -139,6 +142,7 @@ class RunResult:
             "late_sends": self.late_sends,
             "refused": len(self.refused_latencies),
             "refused_p99_ms": round(percentile(self.refused_latencies, 99) * 1000.0, 3),
+            "refused_wire_p99_ms": round(percentile(self.refused_wire_latencies, 99) * 1000.0, 3),
         }
 
 
@@ -332,8 +336,12 @@ async def open_loop(
     async def send(index: int, scheduled: float) -> None:
         async with slots:
             conn = idle.pop() if idle else None
+            sent = time.perf_counter()
             conn, status, error = await _one(conn, target, raws[index % len(raws)], timeout_s)
-            _record(result, status, error, time.perf_counter() - scheduled)
+            done = time.perf_counter()
+            _record(result, status, error, done - scheduled)
+            if error is None and status in REFUSALS:
+                result.refused_wire_latencies.append(done - sent)
             if conn is not None:
                 idle.append(conn)
 

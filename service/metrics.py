@@ -67,6 +67,12 @@ BATCH_QUEUE_DEPTH = Gauge(
     "Images waiting in the batch queue (summed over worker processes).",
     multiprocess_mode="livesum",
 )
+REFUSAL_HOLD = Histogram(
+    "sepconv_refusal_hold_seconds",
+    "How long refusals were held back before their 429, when they came faster than "
+    "SEPCONV_REFUSAL_RATE_FACTOR x the model's rate (clients retrying without waiting).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
 BATCH_REJECTED = Counter(
     "sepconv_batch_rejected_total",
     "Images the batcher refused or gave up on, by reason (queue_full, timeout).",
@@ -157,6 +163,9 @@ class PrometheusObserver(EngineObserver):
         if child is None:
             child = self._rejected[reason] = BATCH_REJECTED.labels(reason)
         child.inc()
+
+    def refusal_held(self, seconds: float) -> None:
+        REFUSAL_HOLD.observe(seconds)
 
     def batch_started(self, size: int, queue_waits, contexts) -> None:
         for wait in queue_waits:

@@ -165,13 +165,21 @@ class Settings(BaseSettings):
         512, ge=1, description="Queued images before new ones get 429 (load shedding)."
     )
     max_queue_delay_ms: float = Field(
-        500.0,
+        1000.0,
         gt=0,
         description="Latency budget: a request whose predicted wait (work queued ahead x the "
         "measured time per image) exceeds it is refused with 429 before its body is read or "
         "its image decoded. Bounds the queue in time, where max_queue_size bounds it in images. "
-        "500 ms lets 32 to 64 clients wait on the 224 px model (about 130 to 260 ms of queue) "
-        "without a refusal.",
+        "1000 ms lets 64 closed-loop clients wait on the 224 px model on two cores (about "
+        "450 ms of queue) without a refusal; at 500 ms they drew thousands of 429s.",
+    )
+    refusal_rate_factor: float = Field(
+        8.0,
+        ge=0,
+        description="Refusals are answered at once up to this many times the model's own "
+        "rate (lanes / measured seconds per image); past that, each waits its turn (at most "
+        "1 s) before its 429, so clients that retry without waiting cannot take the cores "
+        "from the model. 8 leaves the open-loop 8x overload unpaced. 0 turns pacing off.",
     )
     request_timeout_s: float = Field(
         10.0, gt=0, description="Longest an image may wait for its result before a 504."

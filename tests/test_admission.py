@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from service.api.app import create_app
 from service.engine import decode
-from service.engine.admission import Admission
+from service.engine.admission import MAX_REFUSAL_HOLD_S, REFUSAL_BURST_S, Admission
 from service.engine.batcher import Batcher, RequestTimeoutError
 from service.engine.context import RequestContext
 from service.errors import Overloaded
@@ -73,6 +73,39 @@ def test_the_estimate_follows_recent_batches():
     for _ in range(30):
         batcher.record_batch(8, 0.16)  # the model got slower: 20 ms per image
     assert batcher.image_seconds == pytest.approx(0.02, rel=0.01)
+
+
+def test_refusals_past_the_paced_rate_wait_their_turn():
+    batcher = Batcher(lambda x: x)
+    admission = Admission(batcher, max_delay_s=1.0, refusal_rate_factor=4)
+    assert admission.refusal_delay(0.0) == 0.0  # nothing measured yet: never held
+    batcher.record_batch(10, 0.1)  # 10 ms per image: 100 images/s, so 400 refusals/s
+    assert admission.refusal_rate() == pytest.approx(400.0)
+    now = 50.0
+    delays = [admission.refusal_delay(now) for _ in range(600)]  # a storm, all at once
+    free = int(REFUSAL_BURST_S * 400) + 1  # the burst allowance goes out at once
+    assert delays[:free] == [0.0] * free
+    assert delays[free] == pytest.approx(1 / 400, abs=1e-9)
+    assert delays[free + 99] == pytest.approx(100 / 400, abs=1e-9)  # one slot each
+    assert max(delays) == MAX_REFUSAL_HOLD_S  # never held longer than the least Retry-After
+    # However long the storm, the schedule never runs more than one hold ahead.
+    for _ in range(10_000):
+        admission.refusal_delay(now)
+    later = now + MAX_REFUSAL_HOLD_S + REFUSAL_BURST_S + 0.01
+    assert admission.refusal_delay(later) == 0.0
+
+
+def test_pacing_follows_the_nominal_rate_not_the_sagging_estimate():
+    batcher = Batcher(lambda x: x)
+    admission = Admission(batcher, max_delay_s=1.0, refusal_rate_factor=8)
+    batcher.record_batch(32, 0.32)  # start-up: 10 ms per image
+    for _ in range(30):
+        batcher.record_batch(32, 0.96)  # busy cores: 30 ms per image
+    assert batcher.image_seconds == pytest.approx(0.03, rel=0.01)
+    assert admission.refusal_rate() == pytest.approx(800.0)  # 8 x 100/s, as at start-up
+    assert Admission(batcher, max_delay_s=1.0).refusal_rate() == 0.0  # factor 0: off
+    with pytest.raises(ValueError):
+        Admission(batcher, max_delay_s=1.0, refusal_rate_factor=-1)
 
 
 def test_reservations_count_until_released():
@@ -178,6 +211,28 @@ def test_retry_after_header_comes_from_the_drain_rate(client, make_png):
     finally:
         client.app.state.classifier.admission.reserved = 0
     assert r.status_code == 429 and r.headers["retry-after"] == "4"
+
+
+def test_a_refusal_storm_is_held_back_then_refused(client, make_png):
+    """Past the paced rate a refusal waits its turn, then gets the same 429; admitted work and
+    other refusals are unaffected."""
+    from service.metrics import REFUSAL_HOLD
+
+    admission = client.app.state.classifier.admission
+    admission.refusal_rate_factor = 1
+    client.app.state.classifier.batcher.nominal_image_seconds = 0.1  # 10 refusals/s
+    held_before = REFUSAL_HOLD._sum.get()
+    _overload(client, images_being_decoded=20)
+    try:
+        answers = [client.post("/v1/classify", content=make_png(i), headers=PNG) for i in (4, 5)]
+    finally:
+        admission.reserved = 0
+    assert [r.status_code for r in answers] == [429, 429]
+    assert all(r.json()["error"] == "overloaded" for r in answers)
+    # The first went out at once; the second waited for its slot: 100 ms after the first,
+    # less the burst allowance and the time the second took to arrive.
+    assert 0.0 < REFUSAL_HOLD._sum.get() - held_before <= 0.1 - REFUSAL_BURST_S
+    assert client.post("/v1/classify", content=make_png(6), headers=PNG).status_code == 200
 
 
 def test_a_lone_request_on_a_cheap_model_runs_inline(tiny_model_path, make_png):

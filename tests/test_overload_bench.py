@@ -69,6 +69,8 @@ def test_a_short_overload_run_writes_the_report(tiny_model_path, tmp_path):
             "0.2",
             "--overload-idle",
             "0.2",
+            "--overload-storm",
+            "16",
             "--out",
             str(tmp_path),
         ]
@@ -80,5 +82,8 @@ def test_a_short_overload_run_writes_the_report(tiny_model_path, tmp_path):
     (point,) = model["points"]
     assert point["factor"] == 2.0 and point["goodput_per_s"] > 0
     assert model["rss_start_mb"] > 0 and len(model["rss_curve"]) >= 2
-    assert "| 2x |" in (tmp_path / "overload_results.md").read_text()
+    storm = model["storm"]
+    assert storm["clients"] == 16 and storm["goodput_per_s"] > 0 and storm["refused_per_s"] >= 0
+    report = (tmp_path / "overload_results.md").read_text()
+    assert "| 2x |" in report and "Retry storm: 16 closed-loop clients" in report
     assert (tmp_path / f"overload_{model['key']}_rss.png").stat().st_size > 1000

@@ -103,6 +103,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         max_pixels=settings.max_pixels,
         inline_decode_max_pixels=settings.inline_decode_max_pixels,
         max_queue_delay_s=settings.max_queue_delay_ms / 1000,
+        refusal_rate_factor=settings.refusal_rate_factor,
         observer=observer,
     )
     set_model_info(

@@ -242,7 +242,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         classifier = self._classifier()
         spec = self._model(request.model_name, request.model_version)
         # As over HTTP: refused before the work of parsing when the server is already too busy.
-        classifier.admit()
+        await classifier.admit()
         req = codec.parse_infer_request(request, spec)
         oip.check_rows(req, classifier.max_rows)
         ctx = RequestContext(

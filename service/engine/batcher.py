@@ -138,6 +138,9 @@ class Batcher:
         #: answers in 0.1 ms, the hop to the inference thread and back costs more than the run.
         self.inline_max_s = inline_max_s
         self.single_image_s: float | None = None
+        #: The first measurement (the start-up batch, on idle cores): a rate that does not
+        #: sag when the cores get busy, for what must not follow load (refusal pacing).
+        self.nominal_image_seconds: float | None = None
         self._batch_ids = itertools.count(1)  # names batches in traces
 
     # --- lifecycle
@@ -180,6 +183,7 @@ class Batcher:
         per_image = seconds / size
         if self.image_seconds is None:
             self.image_seconds = per_image
+            self.nominal_image_seconds = per_image
         else:
             # A short memory: the drain rate must follow load changes within a few batches.
             self.image_seconds += EWMA_WEIGHT * (per_image - self.image_seconds)

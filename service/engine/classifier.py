@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from service.engine.context import RequestContext
 from service.engine.observer import NULL_OBSERVER, EngineObserver
 from service.engine.postprocess import softmax
 from service.engine.runtime import ModelRuntime
-from service.errors import ImageTooLarge, InvalidImage
+from service.errors import ImageTooLarge, InvalidImage, Overloaded
 
 
 class Classifier:
@@ -38,12 +38,18 @@ class Classifier:
         *,
         max_pixels: int,
         inline_decode_max_pixels: int,
-        max_queue_delay_s: float = 0.5,
+        max_queue_delay_s: float = 1.0,
+        refusal_rate_factor: float = 0.0,
         observer: EngineObserver = NULL_OBSERVER,
     ) -> None:
         self.runtime = runtime
         self.batcher = batcher
-        self.admission = Admission(batcher, max_delay_s=max_queue_delay_s, observer=observer)
+        self.admission = Admission(
+            batcher,
+            max_delay_s=max_queue_delay_s,
+            refusal_rate_factor=refusal_rate_factor,
+            observer=observer,
+        )
         self.active = 0  # requests between admission and their answer
         self.max_pixels = max_pixels
         self.inline_decode_max_pixels = inline_decode_max_pixels
@@ -58,10 +64,14 @@ class Classifier:
         """Most images one request may hold: more could never be queued at once."""
         return self.batcher.max_queue_size
 
-    def admit(self, images: int = 1) -> None:
-        """Refuse now (:class:`~service.errors.Overloaded`) what could not be served within the
-        latency budget: routes call this before they read a body."""
-        self.admission.check(images)
+    async def admit(self, images: int = 1) -> None:
+        """Refuse (:class:`~service.errors.Overloaded`, paced) what could not be served within
+        the latency budget: routes call this before they read a body."""
+        try:
+            self.admission.check(images)
+        except Overloaded:
+            await self.admission.pace()
+            raise
 
     async def preprocess(self, blobs: Sequence[bytes], names: Sequence[str] = ()) -> np.ndarray:
         """Encoded images -> float32 (N, C, H, W), exactly as in training."""
@@ -90,7 +100,7 @@ class Classifier:
         Admitted (or refused) before any pixel is decoded; while decoding, the images count as
         queued work for the admission of others.
         """
-        with self._request(ctx) as (ctx, started):
+        async with self._request(ctx) as (ctx, started):
             with self.admission.reserve(len(blobs)):
                 batch = await self.preprocess(blobs, names)
             ctx.decode_s = time.monotonic() - started
@@ -101,14 +111,16 @@ class Classifier:
         self, batch: np.ndarray, ctx: RequestContext | None = None
     ) -> np.ndarray:
         """float32 (N, C, H, W) -> probabilities (N, num_classes), each row through the batcher."""
-        with self._request(ctx) as (ctx, _):
+        async with self._request(ctx) as (ctx, _):
             self.admission.check(len(batch))
             return await self._probabilities(batch, ctx)
 
-    @contextlib.contextmanager
-    def _request(self, ctx: RequestContext | None) -> Iterator[tuple[RequestContext, float]]:
+    @contextlib.asynccontextmanager
+    async def _request(
+        self, ctx: RequestContext | None
+    ) -> AsyncIterator[tuple[RequestContext, float]]:
         """One request in progress: counted while it runs (see ``alone``), and reported to the
-        observer when it ends, refused or failed included."""
+        observer when it ends, refused or failed included; a refusal waits its turn."""
         ctx = ctx if ctx is not None else RequestContext()
         started = time.monotonic()
         self.active += 1
@@ -116,6 +128,8 @@ class Classifier:
             yield ctx, started
         except BaseException as exc:
             self.observer.request_finished(ctx, started, time.monotonic() - started, exc)
+            if isinstance(exc, Overloaded):
+                await self.admission.pace()
             raise
         else:
             self.observer.request_finished(ctx, started, time.monotonic() - started, None)

@@ -22,6 +22,9 @@ class EngineObserver:
     def rejected(self, reason: str) -> None:
         """One image was refused or given up on (``queue_full``, ``timeout``, ...)."""
 
+    def refusal_held(self, seconds: float) -> None:
+        """A refusal waits ``seconds`` for its turn before it is answered (a refusal storm)."""
+
     def batch_started(
         self,
         size: int,

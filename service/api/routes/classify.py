@@ -195,7 +195,7 @@ async def classify(request: Request) -> Response:
     classifier, settings = require_ready(request.app.state)
     top_k = parse_top_k(request.query_params.get("top_k"))
     # Refused before the body is read: a refusal must cost next to nothing under overload.
-    classifier.admit()
+    await classifier.admit()
     media = media_type(request.headers.get("content-type"))
     if media == "multipart/form-data":
         blobs, names = await _read_multipart(request, settings)

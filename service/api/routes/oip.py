@@ -91,7 +91,7 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
     spec = check_model(request, model_name, model_version)
     classifier, settings = require_ready(request.app.state)
     # Refused before the body is read: a refusal must cost next to nothing under overload.
-    classifier.admit()
+    await classifier.admit()
     # The body-size middleware has already refused anything over max_body_bytes.
     body = oip.decompress(
         await request.body(),
