@@ -168,6 +168,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--overload-connections", type=int, default=1024, help="open-loop connection cap"
     )
     ov.add_argument(
+        "--overload-rounds",
+        type=int,
+        default=1,
+        help="capacity and every factor this many times; the median is reported (1)",
+    )
+    ov.add_argument(
         "--overload-storm",
         type=int,
         default=overload.DEFAULT_STORM,
@@ -203,6 +209,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.compare_tree is not None and not (args.compare_tree / "service").is_dir():
         p.error(f"--compare-tree {args.compare_tree}: no service/ package there")
+    if args.overload_rounds < 1:
+        p.error("--overload-rounds must be at least 1")
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
     args.models = args.models or ("224,default" if args.photos else "default,int8,224")
@@ -459,10 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.overload:
         bound = len(models) * (
-            args.duration
-            + args.warmup
+            (args.duration + args.warmup) * args.overload_rounds
             + args.raw_duration
-            + (len(args.overload_factors) + bool(args.overload_storm))
+            + (len(args.overload_factors) * args.overload_rounds + bool(args.overload_storm))
             * (args.overload_duration + args.overload_pause)
             + args.soak
             + args.overload_idle

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import statistics
 import tempfile
 import threading
 import time
@@ -154,53 +155,108 @@ def check_targets(entry: dict) -> list[dict]:
     return out
 
 
+def _capacity(target: loadgen.Target, args) -> float:
+    """Closed-loop throughput at ``--overload-concurrency``: what the factors multiply."""
+    return loadgen.run(
+        loadgen.closed_loop(
+            target,
+            concurrency=args.overload_concurrency,
+            duration_s=args.duration,
+            warmup_s=args.warmup,
+            timeout_s=args.timeout,
+        )
+    ).throughput
+
+
+def _open_loop_point(
+    target: loadgen.Target,
+    args,
+    sampler: RssSampler,
+    factor: float,
+    capacity: float,
+    seconds: float | None = None,
+) -> dict:
+    """``factor`` x ``capacity`` offered for ``seconds`` (``--overload-duration``), then a
+    pause for the queue to drain."""
+    seconds = seconds or args.overload_duration
+    rate = factor * capacity
+    sampler.mark(f"{factor:g}x for {seconds:g} s")
+    start = sampler.now()
+    result = loadgen.run(
+        loadgen.open_loop(
+            target,
+            rate=rate,
+            duration_s=seconds,
+            max_requests=math.ceil(rate * seconds) + 1,
+            max_connections=args.overload_connections,
+            timeout_s=args.timeout,
+        )
+    )
+    point = _point(result, factor, rate, capacity)
+    point["seconds"] = seconds
+    point["rss_peak_mb"] = round(sampler.peak_between(start, sampler.now()) / 2**20, 1)
+    time.sleep(args.overload_pause)
+    return point
+
+
+def median_point(points: list[dict]) -> dict:
+    """One point per factor over rounds: the median of every figure, and how many rounds."""
+    out = dict(points[0])
+    for key, value in points[0].items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            values = [p[key] for p in points if not math.isnan(p[key])]
+            out[key] = statistics.median(values) if values else math.nan
+    out["rounds"] = len(points)
+    out["goodput_fraction_range"] = (
+        min(p["goodput_fraction"] for p in points),
+        max(p["goodput_fraction"] for p in points),
+    )
+    out["refused_p99_ms_range"] = (
+        min(p["refused_p99_ms"] for p in points),
+        max(p["refused_p99_ms"] for p in points),
+    )
+    return out
+
+
 def run_model(model: BenchModel, args, env: dict[str, str], settings, target_for) -> dict[str, Any]:
     """Capacity, then each overload factor, then an idle pause; RSS sampled throughout."""
     full = raw_ort.measure(settings, settings.max_batch_size, duration_s=args.raw_duration)
     batch_ms = full.summary()["batch_latency_ms_p50"]
     log.info("%s: a full batch of %d takes %.1f ms", model.title, settings.max_batch_size, batch_ms)
     log_path = Path(tempfile.gettempdir()) / f"sepconv-overload-{model.key}-{os.getpid()}.log"
-    points = []
     with ServerProcess(model.path, env, log_path, cwd=args.server_tree) as server:
         assert server.proc is not None
         sampler = RssSampler(server.proc.pid)
         sampler.start()
         try:
             target = target_for(model, server, args.endpoint)
-            capacity = loadgen.run(
-                loadgen.closed_loop(
-                    target,
-                    concurrency=args.overload_concurrency,
-                    duration_s=args.duration,
-                    warmup_s=args.warmup,
-                    timeout_s=args.timeout,
+            rss_start = None
+            capacities, rounds = [], []
+            for r in range(args.overload_rounds):
+                capacity = _capacity(target, args)
+                capacities.append(capacity)
+                log.info(
+                    "  round %d: capacity at c=%d: %.1f req/s",
+                    r + 1,
+                    args.overload_concurrency,
+                    capacity,
                 )
-            ).throughput
-            log.info("  capacity at c=%d: %.1f req/s", args.overload_concurrency, capacity)
-            rss_start = process_group_rss(server.proc.pid)
-            runs = [(f, args.overload_duration) for f in args.overload_factors]
+                if rss_start is None:
+                    rss_start = process_group_rss(server.proc.pid)
+                for factor in args.overload_factors:
+                    point = _open_loop_point(target, args, sampler, factor, capacity)
+                    rounds.append(point)
+                    _log(point)
+            points = [
+                median_point([p for p in rounds if p["factor"] == f]) for f in args.overload_factors
+            ]
+            capacity = statistics.median(capacities)
             if args.soak:
-                runs.append((args.overload_factors[0], args.soak))
-            for factor, seconds in runs:
-                rate = factor * capacity
-                sampler.mark(f"{factor:g}x for {seconds:g} s")
-                start = sampler.now()
-                result = loadgen.run(
-                    loadgen.open_loop(
-                        target,
-                        rate=rate,
-                        duration_s=seconds,
-                        max_requests=math.ceil(rate * seconds) + 1,
-                        max_connections=args.overload_connections,
-                        timeout_s=args.timeout,
-                    )
+                soak = _open_loop_point(
+                    target, args, sampler, args.overload_factors[0], capacity, args.soak
                 )
-                point = _point(result, factor, rate, capacity)
-                point["seconds"] = seconds
-                point["rss_peak_mb"] = round(sampler.peak_between(start, sampler.now()) / 2**20, 1)
-                points.append(point)
-                _log(point)
-                time.sleep(args.overload_pause)  # let the queue drain between points
+                points.append(soak)
+                _log(soak)
             storm = None
             if args.overload_storm:
                 sampler.mark(f"storm c={args.overload_storm}")
@@ -234,7 +290,9 @@ def run_model(model: BenchModel, args, env: dict[str, str], settings, target_for
         "budget_ms": settings.max_queue_delay_ms,
         "full_batch_ms": batch_ms,
         "capacity_per_s": round(capacity, 1),
+        "capacities_per_s": [round(c, 1) for c in capacities],
         "points": points,
+        "rounds": rounds,
         "storm": storm,
         "rss_start_mb": round(rss_start / 2**20, 1),
         "rss_after_idle_mb": round(rss_after / 2**20, 1),
@@ -269,6 +327,14 @@ def _log(p: dict) -> None:
     )
 
 
+def _fraction(p: dict) -> str:
+    """Goodput over capacity; over several rounds the median, then the range."""
+    lo_hi = p.get("goodput_fraction_range")
+    if p.get("rounds", 1) > 1 and lo_hi:
+        return f"{p['goodput_fraction']:.2f}x ({lo_hi[0]:.2f}-{lo_hi[1]:.2f})"
+    return f"{p['goodput_fraction']:.2f}x"
+
+
 def _log_storm(p: dict) -> None:
     log.info(
         "  storm c=%d: goodput %.1f/s (%.2fx) accepted p50 %.1f p99 %.1f ms  refused %.0f/s "
@@ -298,7 +364,16 @@ def markdown(results: dict) -> str:
         lines += [
             f"## {m['title']}",
             "",
-            f"Capacity {m['capacity_per_s']:.1f} req/s; latency budget "
+            f"Capacity {m['capacity_per_s']:.1f} req/s"
+            + (
+                f" (median of {len(m['capacities_per_s'])} rounds: "
+                + ", ".join(f"{c:.1f}" for c in m["capacities_per_s"])
+                + "; each round's load is a multiple of its own capacity, and every figure "
+                "below is the median over rounds)"
+                if len(m.get("capacities_per_s", [])) > 1
+                else ""
+            )
+            + f"; latency budget "
             f"{m['budget_ms']:g} ms; a full batch takes {m['full_batch_ms']:.1f} ms in raw ORT. "
             f"RSS {m['rss_start_mb']:.0f} MB before the overload, "
             f"{m['rss_after_idle_mb']:.0f} MB after it and an idle pause.",
@@ -312,7 +387,7 @@ def markdown(results: dict) -> str:
             lines.append(
                 f"| {p['factor']:g}x | {p['seconds']:g} | {p['offered_per_s']:,.0f} | "
                 f"{p['sent_per_s']:,.0f} | {p['goodput_per_s']:,.1f} | "
-                f"{p['goodput_fraction']:.2f}x | {p['accepted_p50_ms']:.1f} | "
+                f"{_fraction(p)} | {p['accepted_p50_ms']:.1f} | "
                 f"{p['accepted_p99_ms']:.1f} | {p['http_429']:,} | {p['refused_p99_ms']:.2f} | "
                 f"{p['refused_wire_p99_ms']:.2f} | {p['http_504']} | {p['other_errors']} | "
                 f"{p['late_sends']:,} | {p['rss_peak_mb']:.0f} |"

@@ -42,6 +42,19 @@ def test_point_and_targets_arithmetic():
     assert met["refusals p99 <= 5 ms at 4x"] is True
 
 
+def test_rounds_give_the_median_of_every_figure():
+    rounds = [
+        {"factor": 4.0, "goodput_fraction": g, "refused_p99_ms": r, "http_504": 0, "note": "x"}
+        for g, r in ((0.9, 5.0), (0.8, 40.0), (0.95, 6.0))
+    ]
+    point = overload.median_point(rounds)
+    assert point["goodput_fraction"] == 0.9 and point["refused_p99_ms"] == 6.0
+    assert point["goodput_fraction_range"] == (0.8, 0.95)
+    assert point["refused_p99_ms_range"] == (5.0, 40.0)
+    assert point["rounds"] == 3 and point["note"] == "x" and point["factor"] == 4.0
+    assert overload._fraction(point) == "0.90x (0.80-0.95)"
+
+
 def test_process_group_rss_counts_this_process():
     assert overload.process_group_rss(os.getpgrp()) > 10 * 2**20
     assert overload.process_group_rss(2**22 + 12345) == 0  # no such group
@@ -71,6 +84,8 @@ def test_a_short_overload_run_writes_the_report(tiny_model_path, tmp_path):
             "0.2",
             "--overload-storm",
             "16",
+            "--overload-rounds",
+            "2",
             "--out",
             str(tmp_path),
         ]
@@ -80,7 +95,8 @@ def test_a_short_overload_run_writes_the_report(tiny_model_path, tmp_path):
     (model,) = results["models"]
     assert model["capacity_per_s"] > 0
     (point,) = model["points"]
-    assert point["factor"] == 2.0 and point["goodput_per_s"] > 0
+    assert point["factor"] == 2.0 and point["goodput_per_s"] > 0 and point["rounds"] == 2
+    assert len(model["rounds"]) == 2 and len(model["capacities_per_s"]) == 2
     assert model["rss_start_mb"] > 0 and len(model["rss_curve"]) >= 2
     storm = model["storm"]
     assert storm["clients"] == 16 and storm["goodput_per_s"] > 0 and storm["refused_per_s"] >= 0
