@@ -335,6 +335,13 @@ def _fraction(p: dict) -> str:
     return f"{p['goodput_fraction']:.2f}x"
 
 
+def _refusal_p99(p: dict) -> str:
+    lo_hi = p.get("refused_p99_ms_range")
+    if p.get("rounds", 1) > 1 and lo_hi and not math.isnan(p["refused_p99_ms"]):
+        return f"{p['refused_p99_ms']:.2f} ({lo_hi[0]:.2f}-{lo_hi[1]:.2f})"
+    return f"{p['refused_p99_ms']:.2f}"
+
+
 def _log_storm(p: dict) -> None:
     log.info(
         "  storm c=%d: goodput %.1f/s (%.2fx) accepted p50 %.1f p99 %.1f ms  refused %.0f/s "
@@ -388,7 +395,7 @@ def markdown(results: dict) -> str:
                 f"| {p['factor']:g}x | {p['seconds']:g} | {p['offered_per_s']:,.0f} | "
                 f"{p['sent_per_s']:,.0f} | {p['goodput_per_s']:,.1f} | "
                 f"{_fraction(p)} | {p['accepted_p50_ms']:.1f} | "
-                f"{p['accepted_p99_ms']:.1f} | {p['http_429']:,} | {p['refused_p99_ms']:.2f} | "
+                f"{p['accepted_p99_ms']:.1f} | {p['http_429']:,} | {_refusal_p99(p)} | "
                 f"{p['refused_wire_p99_ms']:.2f} | {p['http_504']} | {p['other_errors']} | "
                 f"{p['late_sends']:,} | {p['rss_peak_mb']:.0f} |"
             )
