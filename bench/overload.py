@@ -107,6 +107,7 @@ def _point(result: loadgen.RunResult, factor: float, rate: float, capacity: floa
         "http_429": kinds.get("http_429", 0),
         "http_504": kinds.get("http_504", 0),
         "other_errors": sum(v for k, v in kinds.items() if k not in ("http_429", "http_504")),
+        "error_kinds": kinds,
         "late_sends": summary["late_sends"],
         "client_cpu_us_per_req": summary["client_cpu_us_per_req"],
     }
@@ -207,6 +208,11 @@ def median_point(points: list[dict]) -> dict:
             values = [p[key] for p in points if not math.isnan(p[key])]
             out[key] = statistics.median(values) if values else math.nan
     out["rounds"] = len(points)
+    kinds: dict[str, int] = {}
+    for p in points:
+        for kind, n in p.get("error_kinds", {}).items():
+            kinds[kind] = kinds.get(kind, 0) + n
+    out["error_kinds"] = kinds  # summed over the rounds, not a median
     out["goodput_fraction_range"] = (
         min(p["goodput_fraction"] for p in points),
         max(p["goodput_fraction"] for p in points),

@@ -109,6 +109,31 @@ def test_open_loop_sends_the_schedule(server, make_png):
     assert result.mode == "open" and result.target_rate == 200
 
 
+def test_open_loop_does_not_reuse_stale_connections(server, make_png, monkeypatch):
+    """A connection idle past the limit is closed and replaced, never written to."""
+    opened = []
+    real_open = loadgen.Connection.open
+
+    async def counting_open(host, port):
+        opened.append(1)
+        return await real_open(host, port)
+
+    monkeypatch.setattr(loadgen.Connection, "open", counting_open)
+    target = _target(server, [make_png(seed) for seed in range(2)])
+    monkeypatch.setattr(loadgen, "MAX_IDLE_REUSE_S", 0.0)  # every idle connection is stale
+    result = loadgen.run(
+        loadgen.open_loop(target, rate=50, duration_s=0.2, poisson=False, max_connections=4)
+    )
+    assert result.total >= 8 and result.ok == result.total, dict(result.errors)
+    assert len(opened) == result.total  # a new connection for every request
+    opened.clear()
+    monkeypatch.setattr(loadgen, "MAX_IDLE_REUSE_S", 60.0)
+    result = loadgen.run(
+        loadgen.open_loop(target, rate=50, duration_s=0.2, poisson=False, max_connections=4)
+    )
+    assert result.ok == result.total and len(opened) < result.total  # reused while fresh
+
+
 def test_server_start_failure_is_reported(tmp_path):
     missing = tmp_path / "missing.onnx"
     server = ServerProcess(missing, {}, tmp_path / "log", ready_timeout_s=30)
