@@ -16,6 +16,7 @@ from service.engine.admission import MAX_REFUSAL_HOLD_S, REFUSAL_BURST_S, Admiss
 from service.engine.batcher import Batcher, RequestTimeoutError
 from service.engine.context import RequestContext
 from service.errors import Overloaded
+from service.metrics import REFUSAL_HOLD
 from service.settings import Settings
 
 from .conftest import png_bytes
@@ -216,8 +217,6 @@ def test_retry_after_header_comes_from_the_drain_rate(client, make_png):
 def test_a_refusal_storm_is_held_back_then_refused(client, make_png):
     """Past the paced rate a refusal waits its turn, then gets the same 429; admitted work and
     other refusals are unaffected."""
-    from service.metrics import REFUSAL_HOLD
-
     admission = client.app.state.classifier.admission
     admission.refusal_rate_factor = 1
     client.app.state.classifier.batcher.nominal_image_seconds = 0.1  # 10 refusals/s
@@ -233,6 +232,28 @@ def test_a_refusal_storm_is_held_back_then_refused(client, make_png):
     # less the burst allowance and the time the second took to arrive.
     assert 0.0 < REFUSAL_HOLD._sum.get() - held_before <= 0.1 - REFUSAL_BURST_S
     assert client.post("/v1/classify", content=make_png(6), headers=PNG).status_code == 200
+
+
+def test_a_held_refusal_is_not_counted_in_progress(client):
+    classifier = client.app.state.classifier
+    classifier.admission.refusal_rate_factor = 1
+    classifier.batcher.nominal_image_seconds = 0.1  # 10 refusals/s: the second one is held
+
+    async def refused():
+        with pytest.raises(Overloaded):
+            async with classifier._request(None):
+                raise Overloaded("busy", retry_after_s=1)
+
+    async def scenario():
+        await refused()  # takes the burst allowance
+        held = asyncio.ensure_future(refused())
+        await asyncio.sleep(0.01)
+        during = classifier.active
+        await held
+        return during
+
+    assert client.portal.call(scenario) == 0
+    assert classifier.active == 0
 
 
 def test_a_lone_request_on_a_cheap_model_runs_inline(tiny_model_path, make_png):

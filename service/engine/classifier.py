@@ -123,18 +123,22 @@ class Classifier:
         observer when it ends, refused or failed included; a refusal waits its turn."""
         ctx = ctx if ctx is not None else RequestContext()
         started = time.monotonic()
+        refused = False
         self.active += 1
         try:
             yield ctx, started
         except BaseException as exc:
             self.observer.request_finished(ctx, started, time.monotonic() - started, exc)
-            if isinstance(exc, Overloaded):
-                await self.admission.pace()
+            refused = isinstance(exc, Overloaded)
             raise
         else:
             self.observer.request_finished(ctx, started, time.monotonic() - started, None)
         finally:
             self.active -= 1
+            if refused:
+                # Held after it stops counting: a refusal waiting its turn is not work in
+                # progress, and must not keep a lone request off the inline path.
+                await self.admission.pace()
 
     async def _probabilities(self, batch: np.ndarray, ctx: RequestContext) -> np.ndarray:
         rows = await self._submit_all(batch, ctx)
