@@ -200,6 +200,30 @@ def _open_loop_point(
     return point
 
 
+def _storm_point(target: loadgen.Target, args, sampler: RssSampler, capacity: float) -> dict:
+    """``--overload-storm`` closed-loop clients that resend at once, refused or not."""
+    sampler.mark(f"storm c={args.overload_storm}")
+    start = sampler.now()
+    result = loadgen.run(
+        loadgen.closed_loop(
+            target,
+            concurrency=args.overload_storm,
+            duration_s=args.overload_duration,
+            timeout_s=args.timeout,
+        )
+    )
+    storm = _point(result, 0.0, 0.0, capacity)
+    storm.update(
+        clients=args.overload_storm,
+        seconds=args.overload_duration,
+        refused_per_s=round(storm["refused"] / result.duration_s, 1),
+        rss_peak_mb=round(sampler.peak_between(start, sampler.now()) / 2**20, 1),
+    )
+    _log_storm(storm)
+    time.sleep(args.overload_pause)
+    return storm
+
+
 def median_point(points: list[dict]) -> dict:
     """One point per factor over rounds: the median of every figure, and how many rounds."""
     out = dict(points[0])
@@ -236,7 +260,6 @@ def run_model(model: BenchModel, args, env: dict[str, str], settings, target_for
         sampler.start()
         try:
             target = target_for(model, server, args.endpoint)
-            rss_start = None
             capacities, rounds = [], []
             for r in range(args.overload_rounds):
                 capacity = _capacity(target, args)
@@ -247,7 +270,7 @@ def run_model(model: BenchModel, args, env: dict[str, str], settings, target_for
                     args.overload_concurrency,
                     capacity,
                 )
-                if rss_start is None:
+                if not r:
                     rss_start = process_group_rss(server.proc.pid)
                 for factor in args.overload_factors:
                     point = _open_loop_point(target, args, sampler, factor, capacity)
@@ -263,27 +286,7 @@ def run_model(model: BenchModel, args, env: dict[str, str], settings, target_for
                 )
                 points.append(soak)
                 _log(soak)
-            storm = None
-            if args.overload_storm:
-                sampler.mark(f"storm c={args.overload_storm}")
-                start = sampler.now()
-                result = loadgen.run(
-                    loadgen.closed_loop(
-                        target,
-                        concurrency=args.overload_storm,
-                        duration_s=args.overload_duration,
-                        timeout_s=args.timeout,
-                    )
-                )
-                storm = _point(result, 0.0, 0.0, capacity)
-                storm.update(
-                    clients=args.overload_storm,
-                    seconds=args.overload_duration,
-                    refused_per_s=round(storm["refused"] / result.duration_s, 1),
-                    rss_peak_mb=round(sampler.peak_between(start, sampler.now()) / 2**20, 1),
-                )
-                _log_storm(storm)
-                time.sleep(args.overload_pause)
+            storm = _storm_point(target, args, sampler, capacity) if args.overload_storm else None
             sampler.mark("idle")
             time.sleep(args.overload_idle)
             rss_after = process_group_rss(server.proc.pid)
