@@ -71,6 +71,29 @@ class ModelSpec(Preprocessing):
     def num_classes(self) -> int:
         return len(self.labels)
 
+    def contract(self) -> dict[str, object]:
+        """What a client relies on: the input it sends (tensor name and shape, or an image
+        preprocessed this way) and what each output index means. A new version of a model
+        must keep it, or clients would get wrong answers without an error."""
+        return {
+            "input_name": self.input_name,
+            "channels": self.channels,
+            "input_size": self.input_size,
+            "color_mode": self.color_mode,
+            "resize": self.resize,
+            "resample": self.resample,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "labels": list(self.labels),
+        }
+
+    def contract_changes(self, other: ModelSpec) -> list[str]:
+        """How ``other``'s contract differs from this one's, one phrase per field."""
+        mine, theirs = self.contract(), other.contract()
+        return [
+            f"{key} {mine[key]!r} -> {theirs[key]!r}" for key in mine if mine[key] != theirs[key]
+        ]
+
     def to_metadata(self) -> dict[str, str]:
         """Flatten to ONNX ``metadata_props`` (string to string)."""
         out = {f"{KEY_PREFIX}schema": SCHEMA_VERSION}

@@ -28,6 +28,7 @@ log = logging.getLogger("service")
 FLAGS = {
     ("--model-path", "--model_dir"): "SEPCONV_MODEL_PATH",
     ("--model-name", "--model_name"): "SEPCONV_MODEL_NAME",
+    ("--model-repository",): "SEPCONV_MODEL_REPOSITORY",
     ("--host",): "SEPCONV_HOST",
     ("--port", "--http_port"): "SEPCONV_PORT",
     ("--workers",): "SEPCONV_WORKERS",
@@ -57,6 +58,33 @@ def _share_metrics_between_workers(workers: int) -> None:
     log.info("%d workers share metrics through %s", workers, path)
 
 
+def _share_control_between_workers() -> None:
+    """A fresh folder where the workers agree on model loads (service.engine.fleet); inherited
+    by every worker through the environment."""
+    path = os.environ.get("SEPCONV_CONTROL_DIR")
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path)
+    else:
+        path = tempfile.mkdtemp(prefix="sepconv-control-")
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+        os.environ["SEPCONV_CONTROL_DIR"] = path
+
+
+def _check_models(settings: Settings) -> None:
+    """Fail fast on what can never serve: a model file that is missing or not ours, a
+    repository that is not a folder (one whose models fail starts, not ready, so that they can
+    be fixed and loaded without a restart)."""
+    from sepconv.spec import read_spec
+    from service.engine.layout import scan_repository
+    from service.engine.runtime import find_model_file
+
+    if settings.model_repository is not None:
+        scan_repository(settings.model_repository)
+    else:
+        read_spec(str(find_model_file(settings.model_path)))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sepconv-serve",
@@ -78,13 +106,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level, settings.log_format)
 
-    from sepconv.spec import SpecError, read_spec
-    from service.engine.runtime import ModelLoadError, choose_providers, find_model_file
+    from sepconv.spec import SpecError
+    from service.engine.layout import LayoutError
+    from service.engine.runtime import ModelLoadError, choose_providers
 
     try:
-        read_spec(str(find_model_file(settings.model_path)))
+        _check_models(settings)
         choose_providers(settings.provider)
-    except (ModelLoadError, SpecError) as exc:
+    except (ModelLoadError, SpecError, LayoutError) as exc:
         print(f"sepconv-serve: cannot start: {exc}", file=sys.stderr)
         return 1
 
@@ -107,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     workers = settings.resolved_workers
     if workers > 1:
         _share_metrics_between_workers(workers)
+        _share_control_between_workers()
         if reuseport_available():
             grpc_ports = [settings.grpc_port] if settings.grpc_port else []
             return run_workers(
@@ -119,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         uvicorn.run("service.api.app:create_app", factory=True, workers=workers, **server_options)
         # uvicorn returns after a failed start-up instead of raising.
         return 0
-    from service.drain import serve
+    from service.server import serve
 
     return 0 if serve(settings, server_options) else 3
 

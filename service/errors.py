@@ -10,7 +10,7 @@ a real server fault.
 
 from __future__ import annotations
 
-NOT_READY_DETAIL = "the model is not loaded and warmed up yet"
+NOT_READY_DETAIL = "no model is loaded and warmed up yet"
 
 
 class ServiceError(Exception):
@@ -79,6 +79,13 @@ class NotAcceptable(ServiceError):
 
 class NotFound(ServiceError):
     code, status_code = "not_found", 404
+
+
+class ModelLoadFailed(ServiceError):
+    """A model or version could not be loaded (corrupt file, changed contract...); whatever
+    served before keeps serving. Triton answers a failed load with 400 too."""
+
+    code, status_code = "load_failed", 400
 
 
 class Overloaded(ServiceError):

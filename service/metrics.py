@@ -2,7 +2,9 @@
 
 Names follow Prometheus conventions: base units (seconds), ``_total`` on counters, and the
 ``route`` label is the route template (``/v2/models/{name}/infer``), never the raw path
-(:class:`service.api.middleware.MetricsMiddleware` records HTTP traffic).
+(:class:`service.api.middleware.MetricsMiddleware` records HTTP traffic). Every series the
+engine writes carries the ``model`` and ``version`` it is about: each loaded version has its own
+:class:`PrometheusObserver`, which binds the label children once, off the hot path.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import time
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Summary
 from prometheus_client import multiprocess as _multiprocess
 
-from service.engine.observer import EngineObserver
+from service.engine.observer import EngineObserver, RepositoryObserver
 
+MODEL = ["model", "version"]
 #: Sub-millisecond to seconds: a 28px image takes ~0.1 ms to preprocess, a 224px batch ~100 ms.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -35,48 +38,66 @@ HTTP_IN_FLIGHT = Gauge("sepconv_http_requests_in_flight", "HTTP requests being h
 PREPROCESS_DURATION = Histogram(
     "sepconv_preprocess_duration_seconds",
     "Decode and preprocess time per image.",
+    MODEL,
     buckets=LATENCY_BUCKETS,
 )
 INFERENCE_DURATION = Histogram(
     "sepconv_inference_duration_seconds",
     "ONNX Runtime session.run time per batch.",
+    MODEL,
     buckets=LATENCY_BUCKETS,
 )
 IMAGES_CLASSIFIED = Counter(
-    "sepconv_images_classified_total", "Images that went through the model."
+    "sepconv_images_classified_total", "Images that went through the model.", MODEL
 )
 #: An info metric written as the gauge it is on the wire (``sepconv_model_info{...} 1``), because
 #: prometheus_client's Info type does not work across worker processes.
 MODEL_INFO = Gauge(
     "sepconv_model_info",
-    "The served model and the execution provider that runs it.",
-    ["name", "version", "provider", "precision"],
+    "1 for each model version loaded and serving (0 once unloaded), with the execution "
+    "provider that runs it.",
+    [*MODEL, "provider", "precision"],
     multiprocess_mode="max",
+)
+MODEL_LOADS = Counter(
+    "sepconv_model_loads_total",
+    "Model version loads, by outcome (ok, failed: the reason is in the log and in "
+    "/v2/repository/index; whatever served before still does).",
+    [*MODEL, "outcome"],
+)
+MODEL_LOAD_DURATION = Histogram(
+    "sepconv_model_load_duration_seconds",
+    "Time to load, check and warm up a model version before it takes traffic.",
+    ["model"],
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 
 BATCH_QUEUE_WAIT = Histogram(
     "sepconv_batch_queue_wait_seconds",
     "Time an image waited in the batch queue before its batch started.",
+    MODEL,
     buckets=LATENCY_BUCKETS,
 )
 BATCH_SIZE = Histogram(
-    "sepconv_batch_size", "Images per batch sent to the model.", buckets=BATCH_SIZE_BUCKETS
+    "sepconv_batch_size", "Images per batch sent to the model.", MODEL, buckets=BATCH_SIZE_BUCKETS
 )
 BATCH_QUEUE_DEPTH = Gauge(
     "sepconv_batch_queue_depth",
     "Images waiting in the batch queue (summed over worker processes).",
+    MODEL,
     multiprocess_mode="livesum",
 )
 REFUSAL_HOLD = Histogram(
     "sepconv_refusal_hold_seconds",
     "How long refusals were held back before their 429, when they came faster than "
     "SEPCONV_REFUSAL_RATE_FACTOR x the model's rate (clients retrying without waiting).",
+    MODEL,
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
 )
 BATCH_REJECTED = Counter(
     "sepconv_batch_rejected_total",
     "Images the batcher refused or gave up on, by reason (queue_full, timeout).",
-    ["reason"],
+    [*MODEL, "reason"],
 )
 
 # Per inference request, whatever its protocol: what Triton's statistics extension reports
@@ -88,19 +109,20 @@ INFERENCE_REQUESTS = Summary(
     "sepconv_inference_request_duration_seconds",
     "Time inference requests spent in the engine, from decoding to probabilities, by protocol "
     "and outcome (ok, error, cancelled).",
-    ["protocol", "outcome"],
+    [*MODEL, "protocol", "outcome"],
 )
 REQUEST_STAGE = Counter(
     "sepconv_inference_request_stage_seconds",
     "Time successful inference requests spent in each stage: decode (and preprocess), queue "
     "(for a batch), infer (the model run), postprocess. One observation per request of "
     'sepconv_inference_request_duration_seconds{outcome="ok"}.',
-    ["stage"],
+    [*MODEL, "stage"],
 )
 REQUEST_STAGES = ("decode", "queue", "infer", "postprocess")
 LAST_INFERENCE = Gauge(
     "sepconv_last_inference_timestamp_seconds",
     "Unix time of the last batch the model ran.",
+    MODEL,
     multiprocess_mode="max",
 )
 GRPC_REQUESTS = Counter(
@@ -130,14 +152,6 @@ def exposition_registry() -> CollectorRegistry:
     return registry
 
 
-def set_model_info(name: str, version: str, provider: str, precision: str) -> None:
-    if not multiprocess_enabled():
-        # One process may load a model more than once (tests); a worker loads exactly one, and
-        # prometheus_client cannot clear labels in multiprocess mode.
-        MODEL_INFO.clear()
-    MODEL_INFO.labels(name, version, provider, precision).set(1)
-
-
 def mark_process_dead() -> None:
     """Drop this worker's live gauges from the shared files when it exits."""
     if multiprocess_enabled():
@@ -145,39 +159,49 @@ def mark_process_dead() -> None:
 
 
 class PrometheusObserver(EngineObserver):
-    """The engine's hooks, recorded in the metrics above."""
+    """One model version's engine hooks, recorded in the metrics above."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: str = "", version: str = "") -> None:
+        labels = (model, version)
+        self.labels = labels
+        self._preprocess = PREPROCESS_DURATION.labels(*labels)
+        self._depth = BATCH_QUEUE_DEPTH.labels(*labels)
+        self._hold = REFUSAL_HOLD.labels(*labels)
+        self._queue_wait = BATCH_QUEUE_WAIT.labels(*labels)
+        self._batch_size = BATCH_SIZE.labels(*labels)
+        self._inference = INFERENCE_DURATION.labels(*labels)
+        self._classified = IMAGES_CLASSIFIED.labels(*labels)
+        self._last = LAST_INFERENCE.labels(*labels)
+        self._stages = [REQUEST_STAGE.labels(*labels, stage) for stage in REQUEST_STAGES]
         self._rejected = {}
         self._requests = {}
-        self._stages = [REQUEST_STAGE.labels(stage) for stage in REQUEST_STAGES]
 
     def preprocessed(self, seconds: float) -> None:
-        PREPROCESS_DURATION.observe(seconds)
+        self._preprocess.observe(seconds)
 
     def queue_depth(self, depth: int) -> None:
-        BATCH_QUEUE_DEPTH.set(depth)
+        self._depth.set(depth)
 
     def rejected(self, reason: str) -> None:
         child = self._rejected.get(reason)
         if child is None:
-            child = self._rejected[reason] = BATCH_REJECTED.labels(reason)
+            child = self._rejected[reason] = BATCH_REJECTED.labels(*self.labels, reason)
         child.inc()
 
     def refusal_held(self, seconds: float) -> None:
-        REFUSAL_HOLD.observe(seconds)
+        self._hold.observe(seconds)
 
     def batch_started(self, size: int, queue_waits, contexts) -> None:
         for wait in queue_waits:
-            BATCH_QUEUE_WAIT.observe(wait)
-        BATCH_SIZE.observe(size)
+            self._queue_wait.observe(wait)
+        self._batch_size.observe(size)
 
     def inference(self, seconds: float, batch_size: int) -> None:
-        INFERENCE_DURATION.observe(seconds)
+        self._inference.observe(seconds)
 
     def classified(self, images: int) -> None:
-        IMAGES_CLASSIFIED.inc(images)
-        LAST_INFERENCE.set(time.time())
+        self._classified.inc(images)
+        self._last.set(time.time())
 
     def request_finished(self, ctx, started: float, seconds: float, error) -> None:
         if error is None:
@@ -189,7 +213,7 @@ class PrometheusObserver(EngineObserver):
         key = (ctx.protocol or "other", outcome)
         child = self._requests.get(key)
         if child is None:
-            child = self._requests[key] = INFERENCE_REQUESTS.labels(*key)
+            child = self._requests[key] = INFERENCE_REQUESTS.labels(*self.labels, *key)
         child.observe(seconds)
         if error is None:
             stages = self._stages
@@ -199,14 +223,42 @@ class PrometheusObserver(EngineObserver):
             stages[3].inc(ctx.postprocess_s)
 
 
-def inference_counters() -> dict[str, tuple[float, float]]:
-    """The counters Triton's statistics are made of, summed over label values and worker
-    processes: ``{name: (count, sum)}`` for ``request_ok``, ``request_error``, each
-    ``stage_<name>``, ``runs`` (model runs, seconds), ``images`` (count only) and
-    ``last_inference`` (Unix time, as the sum)."""
-    out: dict[str, list[float]] = {}
+class RepositoryMetrics(RepositoryObserver):
+    """Loads, failed loads and unloads, and which versions are serving (``sepconv_model_info``)."""
 
-    def add(key: str, count: float = 0.0, total: float = 0.0) -> None:
+    def __init__(self) -> None:
+        self._info: dict[tuple[str, str], tuple[str, str]] = {}
+
+    def model_loaded(self, name: str, version: str, seconds: float, runtime) -> None:
+        MODEL_LOADS.labels(name, version, "ok").inc()
+        MODEL_LOAD_DURATION.labels(name).observe(seconds)
+        extra = (runtime.providers[0], runtime.spec.precision)
+        self._info[(name, version)] = extra
+        MODEL_INFO.labels(name, version, *extra).set(1)
+
+    def model_load_failed(self, name: str, version: str, reason: str) -> None:
+        MODEL_LOADS.labels(name, version, "failed").inc()
+
+    def model_unloaded(self, name: str, version: str) -> None:
+        extra = self._info.pop((name, version), None)
+        if extra is not None:
+            # 0, not removed: prometheus_client cannot remove a series from other processes'
+            # files, and "was serving, is not" is worth seeing.
+            MODEL_INFO.labels(name, version, *extra).set(0)
+
+
+Counters = dict[str, tuple[float, float]]
+
+
+def inference_counters() -> dict[tuple[str, str], Counters]:
+    """The counters Triton's statistics are made of, per (model, version), summed over the
+    other labels and over worker processes: ``{name: (count, sum)}`` for ``request_ok``,
+    ``request_error``, each ``stage_<name>``, ``runs`` (model runs, seconds), ``images`` (count
+    only) and ``last_inference`` (Unix time, as the sum)."""
+    per_model: dict[tuple[str, str], dict[str, list[float]]] = {}
+
+    def add(labels: dict, key: str, count: float = 0.0, total: float = 0.0) -> None:
+        out = per_model.setdefault((labels["model"], labels["version"]), {})
         entry = out.setdefault(key, [0.0, 0.0])
         entry[0] += count
         entry[1] += total
@@ -219,24 +271,29 @@ def inference_counters() -> dict[str, tuple[float, float]]:
         if family.name == REQUEST_STAGE._name:
             for sample in family.samples:
                 if sample.name.endswith("_total"):
-                    add(f"stage_{sample.labels['stage']}", total=sample.value)
+                    add(sample.labels, f"stage_{sample.labels['stage']}", total=sample.value)
         elif family.name in wanted:
             for sample in family.samples:
                 key = wanted[family.name](sample.labels)
                 if sample.name.endswith("_count"):
-                    add(key, count=sample.value)
+                    add(sample.labels, key, count=sample.value)
                 elif sample.name.endswith("_sum"):
-                    add(key, total=sample.value)
+                    add(sample.labels, key, total=sample.value)
         elif family.name == IMAGES_CLASSIFIED._name:
             for sample in family.samples:
                 if sample.name.endswith("_total"):
-                    add("images", count=sample.value)
+                    add(sample.labels, "images", count=sample.value)
         elif family.name == LAST_INFERENCE._name:
             for sample in family.samples:
+                labels = sample.labels
+                out = per_model.setdefault((labels["model"], labels["version"]), {})
                 entry = out.setdefault("last_inference", [0.0, 0.0])
                 entry[1] = max(entry[1], sample.value)
-    # Each stage is counted once per successful request.
-    ok = out.get("request_ok", [0.0, 0.0])[0]
-    for stage in REQUEST_STAGES:
-        out.setdefault(f"stage_{stage}", [0.0, 0.0])[0] = ok
-    return {key: (count, total) for key, (count, total) in out.items()}
+    result = {}
+    for key, out in per_model.items():
+        # Each stage is counted once per successful request.
+        ok = out.get("request_ok", [0.0, 0.0])[0]
+        for stage in REQUEST_STAGES:
+            out.setdefault(f"stage_{stage}", [0.0, 0.0])[0] = ok
+        result[key] = {name: (count, total) for name, (count, total) in out.items()}
+    return result

@@ -39,6 +39,28 @@ class Settings(BaseSettings):
         description="ONNX model to serve, or a folder holding it (KServe's /mnt/models): "
         "model.onnx there, else its only .onnx file.",
     )
+    model_repository: Path | None = Field(
+        None,
+        description="Serve every model in this folder, Triton's layout: "
+        "<dir>/<name>/<version>/model.onnx, numeric versions, an optional "
+        "<dir>/<name>/config.json for the version policy (docs/models.md). Unset: "
+        "SEPCONV_MODEL_PATH is served as a repository of one model.",
+    )
+    default_model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=253,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="The model /v1 requests without ?model= go to; unset = the alphabetically "
+        "first model loaded.",
+    )
+    repository_poll_s: float = Field(
+        0.0,
+        ge=0,
+        description="Look for new, changed and removed model versions every this many seconds "
+        "(a file is loaded once it held still for one interval); 0 = off, load and unload "
+        "through the API (POST /v2/repository/models/<name>/load).",
+    )
     model_name: str | None = Field(
         None,
         min_length=1,
@@ -59,6 +81,12 @@ class Settings(BaseSettings):
     )
     inter_op_threads: int = Field(
         1, ge=1, description="ORT threads across operators; MobileNet is a chain, so 1."
+    )
+    ort_memory_arena: bool = Field(
+        False,
+        description="ONNX Runtime's CPU memory arena. Off by default: the arena keeps every "
+        "block it ever grew (onnxruntime#11627), so RSS grows with load and with every model "
+        "loaded; off, memory goes back to the system when a run or a model is done.",
     )
     ort_spinning: bool = Field(
         False,
@@ -91,6 +119,11 @@ class Settings(BaseSettings):
         le=65535,
         description="Port of the gRPC Open Inference Protocol server (Triton's default); 0 turns "
         "gRPC off. Same host, process and batcher as HTTP.",
+    )
+    control_dir: Path | None = Field(
+        None,
+        description="Internal: the folder where the worker processes of one server agree on "
+        "model loads (set by the supervisor to a fresh temporary folder).",
     )
     log_level: LogLevel = Field("info", description="Log level for the service and uvicorn.")
     log_format: LogFormat = Field(
@@ -191,6 +224,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_queue_size ({self.max_queue_size}) must be at least max_batch_size "
                 f"({self.max_batch_size}), or no batch could ever fill"
+            )
+        if self.model_repository is not None and "model_path" in self.model_fields_set:
+            raise ValueError(
+                "SEPCONV_MODEL_REPOSITORY and SEPCONV_MODEL_PATH are both set; a repository "
+                "serves the models in its folder, a model path one file: set one of them"
             )
         if self.grpc_port == self.port:
             raise ValueError(

@@ -32,14 +32,6 @@ log = logging.getLogger("service.supervisor")
 #: How long a worker gets after the graceful-shutdown window before it is killed.
 KILL_AFTER_GRACE_S = 5.0
 
-#: True in a worker process this supervisor spawned: the app's other listening sockets (gRPC)
-#: join their port's SO_REUSEPORT group, as its HTTP socket does.
-_in_worker = False
-
-
-def in_worker() -> bool:
-    return _in_worker
-
 
 def reuseport_available() -> bool:
     return hasattr(socket, "SO_REUSEPORT")
@@ -82,11 +74,8 @@ def bind_reuseport(host: str, port: int) -> socket.socket:
 def _worker_main(index: int, uvicorn_kwargs: dict[str, Any]) -> None:
     """Entry point of one spawned worker: its own socket, then a uvicorn server that drains on
     SIGTERM (service.drain) like a single-process one."""
-    from service.drain import serve
+    from service.server import serve
     from service.settings import Settings
-
-    global _in_worker
-    _in_worker = True
 
     # The service's logging (uvicorn applies the same ``log_config`` again when it starts).
     logging.config.dictConfig(uvicorn_kwargs["log_config"])
@@ -100,7 +89,8 @@ def _worker_main(index: int, uvicorn_kwargs: dict[str, Any]) -> None:
         sys.exit(1)
     # The environment carries every setting (CLI flags included) into the spawned process.
     # uvicorn returns (instead of raising) when the app's start-up fails.
-    if not serve(Settings(), uvicorn_kwargs, sockets=[sock]):
+    # The app's other listening sockets (gRPC) join their port's SO_REUSEPORT group too.
+    if not serve(Settings(), uvicorn_kwargs, sockets=[sock], reuse_port=True):
         sys.exit(3)
 
 

@@ -143,6 +143,7 @@ class Tracing:
         ended: float,
         rows: Iterable[tuple[RequestTrace | None, float]],
         error: str | None = None,
+        attributes: Mapping[str, Any] | None = None,
     ) -> None:
         """One model run: a ``batch`` span linked to every request in it, and for each request
         its ``queue`` (enqueued to batch start) and ``infer`` (the run) spans.
@@ -162,7 +163,11 @@ class Tracing:
         start_ns, end_ns = monotonic_to_epoch_ns(started), monotonic_to_epoch_ns(ended)
         size = sum(n for _, _, n in per_request.values())
         links = [Link(t.span.get_span_context()) for t, _, _ in per_request.values()]
-        batch_attributes = {"sepconv.batch.id": batch_id, "sepconv.batch.size": size}
+        batch_attributes = {
+            **(attributes or {}),
+            "sepconv.batch.id": batch_id,
+            "sepconv.batch.size": size,
+        }
         batch_span = self.tracer.start_span(
             "batch",
             context=trace_api.set_span_in_context(trace_api.INVALID_SPAN),  # a trace of its own
@@ -190,11 +195,12 @@ class Tracing:
 
 
 class TracingObserver(EngineObserver):
-    """The engine's hooks as stage spans of the requests whose context carries a
+    """One model version's engine hooks as stage spans of the requests whose context carries a
     :class:`RequestTrace` (other requests cost a type check)."""
 
-    def __init__(self, tracing: Tracing) -> None:
+    def __init__(self, tracing: Tracing, model: str = "", version: str = "") -> None:
         self.tracing = tracing
+        self.attributes = {"sepconv.model.name": model, "sepconv.model.version": version}
 
     def batch_finished(
         self,
@@ -210,7 +216,7 @@ class TracingObserver(EngineObserver):
             if ctx is not None and isinstance(ctx.trace, RequestTrace)
         ]
         if traced:
-            self.tracing.batch(batch_id, started, ended, traced, error)
+            self.tracing.batch(batch_id, started, ended, traced, error, self.attributes)
 
     def request_finished(
         self, ctx: RequestContext, started: float, seconds: float, error: BaseException | None
@@ -218,6 +224,7 @@ class TracingObserver(EngineObserver):
         trace = ctx.trace
         if not isinstance(trace, RequestTrace):
             return
+        trace.span.set_attributes(self.attributes)
         if ctx.decode_s:
             start_ns = monotonic_to_epoch_ns(started)
             trace.stage("decode", start_ns, start_ns + int(ctx.decode_s * 1e9))

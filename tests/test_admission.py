@@ -154,7 +154,7 @@ def client(tiny_model_path):
 
 
 def _overload(client, images_being_decoded: int) -> None:
-    classifier = client.app.state.classifier
+    classifier = client.app.state.repository.lookup().classifier
     classifier.batcher.image_seconds = 0.01
     classifier.admission.reserved = images_being_decoded
 
@@ -180,7 +180,7 @@ def test_refused_before_any_decoding(client, monkeypatch, make_png):
             },
         )
     finally:
-        client.app.state.classifier.admission.reserved = 0
+        client.app.state.repository.lookup().classifier.admission.reserved = 0
     assert r.status_code == 429 and r.json()["error"] == "overloaded"
     assert "budget" in r.json()["detail"]
     assert r.headers["retry-after"] == "1"
@@ -189,7 +189,7 @@ def test_refused_before_any_decoding(client, monkeypatch, make_png):
 
 
 def test_images_being_decoded_count_as_queued_work(client, monkeypatch):
-    admission = client.app.state.classifier.admission
+    admission = client.app.state.repository.lookup().classifier.admission
     during = []
     real = decode.preprocess_images_async
 
@@ -210,17 +210,19 @@ def test_retry_after_header_comes_from_the_drain_rate(client, make_png):
     try:
         r = client.post("/v1/classify", content=make_png(3), headers=PNG)
     finally:
-        client.app.state.classifier.admission.reserved = 0
+        client.app.state.repository.lookup().classifier.admission.reserved = 0
     assert r.status_code == 429 and r.headers["retry-after"] == "4"
 
 
 def test_a_refusal_storm_is_held_back_then_refused(client, make_png):
     """Past the paced rate a refusal waits its turn, then gets the same 429; admitted work and
     other refusals are unaffected."""
-    admission = client.app.state.classifier.admission
+    classifier = client.app.state.repository.lookup().classifier
+    admission = classifier.admission
     admission.refusal_rate_factor = 1
-    client.app.state.classifier.batcher.nominal_image_seconds = 0.1  # 10 refusals/s
-    held_before = REFUSAL_HOLD._sum.get()
+    classifier.batcher.nominal_image_seconds = 0.1  # 10 refusals/s
+    hold = REFUSAL_HOLD.labels(classifier.spec.name, classifier.spec.version)
+    held_before = hold._sum.get()
     _overload(client, images_being_decoded=20)
     try:
         answers = [client.post("/v1/classify", content=make_png(i), headers=PNG) for i in (4, 5)]
@@ -230,12 +232,12 @@ def test_a_refusal_storm_is_held_back_then_refused(client, make_png):
     assert all(r.json()["error"] == "overloaded" for r in answers)
     # The first went out at once; the second waited for its slot: 100 ms after the first,
     # less the burst allowance and the time the second took to arrive.
-    assert 0.0 < REFUSAL_HOLD._sum.get() - held_before <= 0.1 - REFUSAL_BURST_S
+    assert 0.0 < hold._sum.get() - held_before <= 0.1 - REFUSAL_BURST_S
     assert client.post("/v1/classify", content=make_png(6), headers=PNG).status_code == 200
 
 
 def test_a_held_refusal_is_not_counted_in_progress(client):
-    classifier = client.app.state.classifier
+    classifier = client.app.state.repository.lookup().classifier
     classifier.admission.refusal_rate_factor = 1
     classifier.batcher.nominal_image_seconds = 0.1  # 10 refusals/s: the second one is held
 
@@ -266,7 +268,7 @@ def test_a_lone_request_on_a_cheap_model_runs_inline(tiny_model_path, make_png):
             model_path=tiny_model_path, warmup_runs=0, inline_inference_max_ms=inline_ms
         )
         with TestClient(create_app(settings)) as c:
-            batcher = c.app.state.classifier.batcher
+            batcher = c.app.state.repository.lookup().classifier.batcher
             threads = []
             inner = batcher.run_batch
 

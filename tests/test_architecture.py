@@ -1,5 +1,6 @@
-"""The layout's rules, checked: who may import whom, module size, and an engine that runs
-without Prometheus or a web framework."""
+"""The layout's rules, checked: who may import whom (between packages and between the layers
+inside ``service/``), no import cycle anywhere, module size, and an engine that runs without
+Prometheus or a web framework."""
 
 from __future__ import annotations
 
@@ -25,6 +26,21 @@ FORBIDDEN = {
     "service": {"model", "torch"},
 }
 MAX_LINES = 600
+#: The layers of ``service/``, lowest first: a module imports from its own layer or below,
+#: so data flows one way (bytes -> engine -> protocol response) and the folders show it.
+SERVICE_LAYERS = (
+    # What everything may use: the framework-free errors, the settings, logging, drain state.
+    ("service.errors", "service.settings", "service.logs", "service.drain"),
+    # The engine: repository, classifier, batcher, runtime; no web framework, no metrics.
+    ("service.engine",),
+    # Codecs and observers on top of the engine: wire formats, metrics, traces.
+    ("service.protocols", "service.metrics", "service.tracing"),
+    # The transports: FastAPI app and routes, the gRPC server; all call the repository seam.
+    ("service.api",),
+    # Running the app: uvicorn with the drain delay, the worker supervisor, the CLI.
+    ("service.server",),
+    ("service.supervisor", "service.__main__", "service.client"),
+)
 
 
 def _imports(path: Path) -> set[str]:
@@ -122,3 +138,112 @@ def test_batcher_reports_through_its_observer():
     assert ("batch", 1, 1, (ctx,)) in observer.calls
     assert ("classified", 1) in observer.calls
     assert ("rejected", "deadline") in observer.calls
+
+
+# --- the module graph: layers and cycles ----------------------------------------------------
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _graph() -> dict[str, set[str]]:
+    """Module -> the project modules it imports (at any depth: function-level included)."""
+    modules = {_module_name(p): p for pkg in PACKAGES for p in _modules(pkg)}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")
+                    anchor = anchor[: len(anchor) - node.level + 1]
+                    base = ".".join([*anchor, base] if base else anchor)
+                # ``from a import b`` imports the module a.b when there is one, else a.
+                targets = [
+                    f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                    for alias in node.names
+                ]
+            for target in targets:
+                while target and target not in modules:
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    edges.add(target)
+        graph[name] = edges
+    return graph
+
+
+def _layer(module: str) -> int | None:
+    for index, members in enumerate(SERVICE_LAYERS):
+        if any(module == m or module.startswith(m + ".") for m in members):
+            return index
+    return None
+
+
+def test_service_layers_import_only_downwards():
+    graph = _graph()
+    unplaced = [m for m in graph if m.startswith("service.") and _layer(m) is None]
+    assert not unplaced, f"place these modules in SERVICE_LAYERS: {unplaced}"
+    upward = {
+        module: sorted(
+            t for t in targets if t.startswith("service.") and _layer(t) > _layer(module)
+        )
+        for module, targets in graph.items()
+        if module.startswith("service.")
+    }
+    upward = {m: t for m, t in upward.items() if t}
+    assert not upward, f"imports from a higher layer of service/: {upward}"
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in graph.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_cycles():
+    cycles = _cycles(_graph())
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_the_cycle_checker_finds_a_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _cycles(graph) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []

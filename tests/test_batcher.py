@@ -19,9 +19,12 @@ from service.engine.batcher import (
 )
 from service.metrics import PrometheusObserver
 
+#: The labels of the observer these batchers report to.
+MODEL = {"model": "batcher-test", "version": "1"}
+
 
 def _sample(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
+    return REGISTRY.get_sample_value(name, {**MODEL, **labels}) or 0.0
 
 
 class FakeModel:
@@ -54,7 +57,7 @@ def run(coro):
 
 async def _with_batcher(model, body, **kw):
     # The metrics these tests read are the Prometheus observer's, as in the app.
-    batcher = Batcher(model, observer=PrometheusObserver(), **kw)
+    batcher = Batcher(model, observer=PrometheusObserver(**MODEL), **kw)
     batcher.start()
     try:
         return await body(batcher)

@@ -322,7 +322,7 @@ def test_invalid_argument_carries_the_error_code(stub, spec):
 
 
 def test_overload_is_resource_exhausted_with_retry_info(served, stub, spec):
-    classifier = served.state.classifier
+    classifier = served.state.repository.lookup().classifier
     with swapped(classifier, batcher=FailingBatcher(QueueFullError(512, 3))):
         request = pb.ModelInferRequest(model_name=spec.name)
         request.inputs.add(name="input", datatype="FP32", shape=[1, 1, 28, 28])
@@ -347,7 +347,7 @@ def test_not_ready_is_unavailable_and_health_follows(served, stub, spec):
         with pytest.raises(grpc.RpcError) as info:
             health.Check(health_pb2.HealthCheckRequest(service="nope"))
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
-    with swapped(served.state, ready=False):
+    with swapped(served.state.repository, started=False):
         assert not stub.ServerReady(pb.ServerReadyRequest()).ready
         assert stub.ServerLive(pb.ServerLiveRequest()).live
         with pytest.raises(grpc.RpcError) as info:
@@ -373,7 +373,7 @@ class SlowBatcher:
 
 
 def test_client_deadline_reaches_the_engine_and_cancels_the_work(served, client, spec):
-    classifier = served.state.classifier
+    classifier = served.state.repository.lookup().classifier
     slow = SlowBatcher()
     with swapped(classifier, batcher=slow):
         sent = time.monotonic()
@@ -440,7 +440,7 @@ def test_grpc_and_http_requests_share_batches(served, spec):
     next batch holds both."""
     import httpx
 
-    batcher = served.state.classifier.batcher
+    batcher = served.state.repository.lookup().classifier.batcher
     gate = Gate(batcher.run_batch)
     recorder = BatchRecorder()
     x = pixels(spec, 1, seed=3)
@@ -519,7 +519,7 @@ def test_shutdown_drains_calls_in_flight(tiny_model_path, spec):
     from service.api.app import create_app
 
     server = Served(create_app(_settings(tiny_model_path, graceful_shutdown_s=10)))
-    batcher = server.state.classifier.batcher
+    batcher = server.state.repository.lookup().classifier.batcher
     gate = batcher.run_batch = Gate(batcher.run_batch)
     batcher.inline_max_s = 0.0  # a held inline run would block the event loop
     outcome: list = []
@@ -540,7 +540,7 @@ def test_shutdown_drains_calls_in_flight(tiny_model_path, spec):
     stopper = threading.Thread(target=server.stop)
     stopper.start()
     # The server is shutting down with the call in flight; let the model answer now.
-    while server.state.ready:
+    while server.state.repository.ready:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     gate.opened.set()
@@ -568,7 +568,9 @@ def test_draining_turns_readiness_and_health_off_but_keeps_serving(tiny_model_pa
                 assert time.monotonic() < deadline, "health still SERVING while draining"
                 time.sleep(0.02)
             assert not stub.ServerReady(pb.ServerReadyRequest()).ready
-            assert not stub.ModelReady(pb.ModelReadyRequest(name=spec.name)).ready
+            # As over HTTP: the model is still loaded and answers; the server's readiness is
+            # what takes it out of rotation.
+            assert stub.ModelReady(pb.ModelReadyRequest(name=spec.name)).ready
         with tgrpc.InferenceServerClient(server.grpc_url) as c:
             probs = c.infer(spec.name, [fp32(pixels(spec, 1))]).as_numpy("probabilities")
         assert probs.shape == (1, 3)

@@ -14,6 +14,7 @@ from tritonclient.grpc._utils import _get_inference_request
 from tritonclient.utils import serialize_byte_tensor
 
 from sepconv.spec import ModelSpec
+from service.errors import InvalidRequest
 from service.protocols import oip, triton
 from service.protocols.oip_grpc import codec
 from service.protocols.oip_grpc import inference_pb2 as pb
@@ -368,7 +369,7 @@ def test_statistics_document_has_every_field_perf_analyzer_reads():
             "compute_output": triton.Duration(4, 30),
         },
     )
-    doc = triton.model_statistics(SPEC, stats)
+    doc = triton.model_statistics([(SPEC, stats)])
     (model,) = doc["model_stats"]
     assert model["name"] == "tiny" and model["version"] == "7"
     assert model["inference_count"] == 10 and model["execution_count"] == 3
@@ -383,24 +384,50 @@ def test_statistics_document_has_every_field_perf_analyzer_reads():
     assert theirs.model_stats[0].inference_stats.queue.ns == 1000
 
 
-def test_repository_index():
-    assert triton.repository_index(SPEC, ready=True, ready_only=False) == [
-        {"name": "tiny", "version": "7", "state": "READY", "reason": ""}
+def test_repository_index_entries_fill_the_grpc_message():
+    from service.engine.repository import IndexEntry, State
+
+    entries = [
+        IndexEntry("tiny", "7", State.READY),
+        IndexEntry("tiny", "8", State.UNAVAILABLE, "version 8: not a readable ONNX model"),
     ]
-    (entry,) = triton.repository_index(SPEC, ready=False, ready_only=False)
-    assert entry["state"] == "UNAVAILABLE" and entry["reason"]
-    assert triton.repository_index(SPEC, ready=False, ready_only=True) == []
     msg = codec.from_document(
-        {"models": triton.repository_index(SPEC, ready=True, ready_only=True)},
-        pb.RepositoryIndexResponse(),
+        {"models": [e.document() for e in entries]}, pb.RepositoryIndexResponse()
     )
-    assert msg.models[0].state == "READY"
+    assert [(m.version, m.state) for m in msg.models] == [("7", "READY"), ("8", "UNAVAILABLE")]
+    assert "not a readable" in msg.models[1].reason
+
+
+def test_repository_request_bodies_and_parameters():
+    assert triton.index_request(b"") is False
+    assert triton.index_request(b'{"ready": true}') is True
+    for body, needle in ((b"{nope", "not valid JSON"), (b'{"ready": "yes"}', "'ready'")):
+        with pytest.raises(InvalidRequest, match=needle):
+            triton.index_request(body)
+    triton.repository_request(b"", "load")
+    triton.repository_request(b'{"parameters": {}}', "load")
+    triton.repository_request(b'{"parameters": {"unload_dependents": true}}', "unload")
+    with pytest.raises(InvalidRequest, match="models are loaded from the repository folder"):
+        triton.repository_request(b'{"parameters": {"config": "{}"}}', "load")
+    with pytest.raises(InvalidRequest, match="not supported"):
+        triton.check_repository_parameters("load", {"file:1/model.onnx": b"..."})
+    with pytest.raises(InvalidRequest, match="unknown unload parameter 'force'"):
+        triton.repository_request(b'{"parameters": {"force": true}}', "unload")
+    with pytest.raises(InvalidRequest, match="JSON object"):
+        triton.repository_request(b"[1]", "load")
+    request = pb.RepositoryModelUnloadRequest(model_name="tiny")
+    request.parameters["unload_dependents"].bool_param = True
+    assert codec.repository_parameters(request) == {"unload_dependents": True}
 
 
 def test_extensions_and_numeric_versions():
-    assert {"binary_tensor_data", "classification", "model_configuration", "statistics"} <= set(
-        triton.server_extensions()
-    )
+    assert {
+        "binary_tensor_data",
+        "classification",
+        "model_configuration",
+        "model_repository",
+        "statistics",
+    } <= set(triton.server_extensions())
     assert triton.is_numeric_version("1") and triton.is_numeric_version("20261122")
     assert not triton.is_numeric_version("test") and not triton.is_numeric_version("1.0")
     assert not triton.is_numeric_version("")

@@ -66,7 +66,7 @@ def test_the_model_is_served_under_the_configured_name(tmp_path, tiny_model_path
         ).json()
         assert body["model"]["name"] == "fashion-mnist"
         metrics = client.get("/metrics").text
-        assert 'sepconv_model_info{name="fashion-mnist"' in metrics
+        assert 'sepconv_model_info{model="fashion-mnist"' in metrics
 
 
 @pytest.mark.parametrize("name", ["", "has space", "-leading", "a/b"])

@@ -499,11 +499,10 @@ def test_too_many_rows_for_the_queue_is_413(tiny_model_path, tiny_spec):
 
 @contextlib.contextmanager
 def swapped_state(client, **values):
-    """Swap ``app.state`` attributes (``batcher``: the classifier's) for a while (monkeypatch
-    cannot restore a Starlette State)."""
-    state = client.app.state
+    """Swap the repository's attributes (``batcher``: the classifier's) for a while."""
+    state = client.app.state.repository
     if "batcher" in values:
-        state = state.classifier
+        state = state.lookup().classifier
     saved = {name: getattr(state, name) for name in values}
     for name, value in values.items():
         setattr(state, name, value)
@@ -533,7 +532,7 @@ def test_batcher_errors_map_to_status_codes(client, tiny_spec, exc, status, retr
 
 
 def test_not_ready_is_503(client, tiny_spec):
-    with swapped_state(client, ready=False):
+    with swapped_state(client, started=False):
         assert client.get("/v2/health/ready").status_code == 503
         assert client.get("/v2/health/live").status_code == 200
         r = client.post(_infer_url(tiny_spec), content=orjson.dumps(_tensor()))

@@ -71,7 +71,9 @@ def test_readiness_before_and_after_load(tiny_model_path):
     assert r.status_code == 503 and r.json()["error"] == "not_ready"
     with c:
         assert c.get("/readyz").json() == {"status": "ready"}
-        assert app.state.classifier.runtime.providers == ["CPUExecutionProvider"]
+        assert app.state.repository.lookup().classifier.runtime.providers == [
+            "CPUExecutionProvider"
+        ]
     assert c.get("/readyz").status_code == 503  # shut down: not ready any more
 
 
@@ -195,7 +197,7 @@ def test_served_tensor_is_the_shared_preprocessing(tiny_rgb_model_path):
     expected = preprocess_bytes(blob, spec, max_pixels=10**8)
     seen = []
     with TestClient(create_app(_settings(tiny_rgb_model_path))) as c:
-        batcher = c.app.state.classifier.batcher
+        batcher = c.app.state.repository.lookup().classifier.batcher
         inner = batcher.run_batch
 
         def spy(x):
@@ -288,7 +290,7 @@ def test_concurrent_distinct_images_each_get_their_own_answer(tiny_model_path):
 
     async def main():
         async with app.router.lifespan_context(app):
-            batcher = app.state.classifier.batcher
+            batcher = app.state.repository.lookup().classifier.batcher
             inner = batcher.run_batch
 
             def spy(x):
@@ -479,7 +481,7 @@ def test_unknown_route_and_method(client):
     ],
 )
 def test_batcher_errors_map_to_http(client, make_png, exc, status, error):
-    classifier = client.app.state.classifier
+    classifier = client.app.state.repository.lookup().classifier
     real, classifier.batcher = classifier.batcher, FailingBatcher(exc)
     try:
         r = client.post("/v1/classify", content=make_png(1), headers=PNG)
@@ -521,22 +523,25 @@ def test_metrics_change_after_requests(client, make_png):
     labels = {"route": "/v1/classify", "method": "POST", "status": "200"}
     before_req = _sample("sepconv_http_requests_total", **labels)
     before_dur = _sample("sepconv_http_request_duration_seconds_count", **labels)
-    before_img = _sample("sepconv_images_classified_total")
-    before_pre = _sample("sepconv_preprocess_duration_seconds_count")
-    before_inf = _sample("sepconv_inference_duration_seconds_count")
+    model = {"model": "tiny-l", "version": "test"}
+    before_img = _sample("sepconv_images_classified_total", **model)
+    before_pre = _sample("sepconv_preprocess_duration_seconds_count", **model)
+    before_inf = _sample("sepconv_inference_duration_seconds_count", **model)
     files = [("file", (f"{i}.png", make_png(i), "image/png")) for i in range(2)]
     assert client.post("/v1/classify", files=files).status_code == 200
     assert client.post("/v1/classify", content=make_png(5), headers=PNG).status_code == 200
     assert _sample("sepconv_http_requests_total", **labels) == before_req + 2
     assert _sample("sepconv_http_request_duration_seconds_count", **labels) == before_dur + 2
-    assert _sample("sepconv_images_classified_total") == before_img + 3
-    assert _sample("sepconv_preprocess_duration_seconds_count") == before_pre + 3
-    assert _sample("sepconv_inference_duration_seconds_count") > before_inf
+    # The engine's series name the model and version they are about.
+    assert _sample("sepconv_images_classified_total", **model) == before_img + 3
+    assert _sample("sepconv_preprocess_duration_seconds_count", **model) == before_pre + 3
+    assert _sample("sepconv_inference_duration_seconds_count", **model) > before_inf
     text = client.get("/metrics").text
     assert (
-        'sepconv_model_info{name="tiny-l",precision="fp32",provider="CPUExecutionProvider",'
+        'sepconv_model_info{model="tiny-l",precision="fp32",provider="CPUExecutionProvider",'
         'version="test"} 1.0' in text
     )
+    assert 'sepconv_model_loads_total{model="tiny-l",outcome="ok",version="test"}' in text
     for name in (
         "sepconv_http_requests_in_flight",
         "sepconv_batch_queue_wait_seconds_bucket",

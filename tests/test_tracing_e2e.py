@@ -133,7 +133,7 @@ def test_grpc_infer_span_continues_the_callers_trace(traced, exporter, spec):
 
 
 def test_requests_sharing_a_batch_are_linked(traced, exporter, spec):
-    batcher = traced.state.classifier.batcher
+    batcher = traced.state.repository.lookup().classifier.batcher
     gate = Gate(batcher.run_batch)
     x = np.zeros((1, 1, 28, 28), np.float32)
     url = f"http://{traced.http_url}/v2/models/{spec.name}/infer"
@@ -176,7 +176,7 @@ def test_requests_sharing_a_batch_are_linked(traced, exporter, spec):
 
 
 def test_failed_request_span_has_error_status(traced, exporter, spec):
-    classifier = traced.state.classifier
+    classifier = traced.state.repository.lookup().classifier
     url = f"http://{traced.http_url}/v2/models/{spec.name}/infer"
     with swapped(classifier, batcher=FailingBatcher(BatchFailedError("ORT exploded"))):
         response = httpx.post(url, content=_tensor_body(np.zeros((1, 1, 28, 28), np.float32)))
@@ -219,7 +219,7 @@ def test_request_ids_are_echoed_made_and_adopted(traced, spec):
 
 def test_log_lines_carry_the_request_id(traced, spec, caplog):
     caplog.handler.addFilter(RequestIdFilter())
-    classifier = traced.state.classifier
+    classifier = traced.state.repository.lookup().classifier
     url = f"http://{traced.http_url}/v2/models/{spec.name}/infer"
     body = _tensor_body(np.zeros((1, 1, 28, 28), np.float32))
     with (

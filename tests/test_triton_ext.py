@@ -130,7 +130,10 @@ def test_statistics_count_what_the_engine_did(client, spec):
 def test_failed_requests_count_as_fail(client, spec, served):
     before = _stat(client.get_inference_statistics(spec.name))["inference_stats"]
     with (
-        swapped(served.state.classifier, batcher=FailingBatcher(BatchFailedError("boom"))),
+        swapped(
+            served.state.repository.lookup().classifier,
+            batcher=FailingBatcher(BatchFailedError("boom")),
+        ),
         pytest.raises(InferenceServerException),
     ):
         infer(client, spec, 1)
@@ -139,15 +142,26 @@ def test_failed_requests_count_as_fail(client, spec, served):
     assert after["success"]["count"] == before["success"]["count"]
 
 
-def test_repository_index(client, spec, served):
+def test_repository_index_through_unload_and_load(client, spec, served):
+    """The one model file served as a repository of one model: tritonclient unloads it (the
+    server is then not ready, the index says why) and loads it again."""
     assert client.get_model_repository_index() == [
         {"name": spec.name, "version": spec.version, "state": "READY", "reason": ""}
     ]
     url = f"http://{served.http_url}/v2/repository/index"
-    with swapped(served.state, ready=False):
+    client.unload_model(spec.name)
+    try:
+        assert client.get_model_repository_index() == [
+            {"name": spec.name, "version": "", "state": "UNAVAILABLE", "reason": "unloaded"}
+        ]
         assert httpx.post(url, json={"ready": True}).json() == []
-        (entry,) = httpx.post(url).json()
-        assert entry["state"] == "UNAVAILABLE"
+        assert not client.is_server_ready() and not client.is_model_ready(spec.name)
+        with pytest.raises(InferenceServerException, match="is not loaded"):
+            infer(client, spec, 1)
+    finally:
+        client.load_model(spec.name)
+    assert client.is_server_ready() and client.is_model_ready(spec.name)
+    infer(client, spec, 1)
     for body, needle in ((b"{nope", "not valid JSON"), (b'{"ready": "yes"}', "'ready'")):
         response = httpx.post(url, content=body)
         assert response.status_code == 400 and needle in response.json()["error"]

@@ -1,9 +1,9 @@
-"""Builds the FastAPI app: lifespan (load, warm up, batcher, classifier), middleware, error
-handlers, routers.
+"""Builds the FastAPI app: lifespan (the model repository: load, warm up, batchers), middleware,
+error handlers, routers.
 
 To add endpoints, write ``service/api/routes/<name>.py`` exposing ``router = APIRouter()`` and
-add one import to ``ROUTERS`` below. Handlers reach the model only through
-``app.state.classifier`` (:class:`~service.engine.classifier.Classifier`).
+add one import to ``ROUTERS`` below. Handlers reach models only through ``app.state.repository``
+(:class:`~service.engine.repository.ModelRepository`, the seam every protocol calls).
 """
 
 from __future__ import annotations
@@ -19,14 +19,17 @@ from fastapi import FastAPI
 import sepconv
 from service.api.errors import install_error_handlers
 from service.api.grpc_server import GrpcServer
-from service.api.middleware import BodySizeLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
+from service.api.middleware import (
+    BodySizeLimitMiddleware,
+    ConnectionCloseMiddleware,
+    MetricsMiddleware,
+    RequestIdMiddleware,
+)
 from service.api.routes import classify, cost, health, models, oip, triton_ext
-from service.drain import ConnectionCloseMiddleware, Drain
-from service.engine.batcher import Batcher
-from service.engine.classifier import Classifier
+from service.drain import Drain
 from service.engine.observer import EngineObserver, FanOut
-from service.engine.runtime import ModelRuntime
-from service.metrics import PrometheusObserver, mark_process_dead, set_model_info
+from service.engine.repository import ModelRepository
+from service.metrics import PrometheusObserver, RepositoryMetrics, mark_process_dead
 from service.protocols import triton
 from service.settings import Settings
 from service.tracing import Tracing, TracingObserver
@@ -54,111 +57,85 @@ Labels and preprocessing come from the model file's own metadata. Errors are JSO
 """
 
 
-def load_runtime(settings: Settings, observer: EngineObserver | None = None) -> ModelRuntime:
-    return ModelRuntime(
-        settings.model_path,
-        provider=settings.provider,
-        intra_op_threads=settings.resolved_intra_op_threads,
-        inter_op_threads=settings.inter_op_threads,
-        spinning=settings.ort_spinning,
-        name=settings.model_name,
-        **({"observer": observer} if observer is not None else {}),
-    )
+def new_repository(settings: Settings, tracing: Tracing | None) -> ModelRepository:
+    """A repository whose every model version reports to the metrics (and traces)."""
+
+    def observer_for(name: str, version: str) -> EngineObserver:
+        observer: EngineObserver = PrometheusObserver(name, version)
+        if tracing is not None:
+            observer = FanOut(observer, TracingObserver(tracing, name, version))
+        return observer
+
+    return ModelRepository(settings, observer_for=observer_for, events=RepositoryMetrics())
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    app.state.ready = False
     start = time.perf_counter()
-    # Blocking on purpose: nothing is served before the model loads, and a failure here must
-    # stop start-up (uvicorn exits non-zero) rather than leave a server that can never be ready.
-    tracing: Tracing | None = app.state.tracing
-    observer: EngineObserver = PrometheusObserver()
-    if tracing is not None:
-        observer = FanOut(observer, TracingObserver(tracing))
-    runtime = load_runtime(settings, observer)
-    warm = runtime.warm_up((1, settings.max_batch_size), runs=settings.warmup_runs)
-    batcher = Batcher(
-        runtime.run,
-        max_batch_size=settings.max_batch_size,
-        max_wait_s=settings.max_wait_ms / 1000,
-        max_queue_size=settings.max_queue_size,
-        timeout_s=settings.request_timeout_s,
-        item_shape=runtime.input_shape,
-        lanes=settings.lanes,
-        inline_max_s=settings.inline_inference_max_ms / 1000,
-        inference_nice=settings.inference_nice,
-        observer=observer,
-    )
-    # Admission control predicts waits from the measured time per image; until requests have
-    # been measured, a full batch timed now stands in. The single-image time decides whether a
-    # lone request may run on the event loop.
-    batcher.record_batch(settings.max_batch_size, runtime.time_batch(settings.max_batch_size))
-    batcher.single_image_s = runtime.time_batch(1)
-    batcher.start()
-    app.state.classifier = Classifier(
-        runtime,
-        batcher,
-        max_pixels=settings.max_pixels,
-        inline_decode_max_pixels=settings.inline_decode_max_pixels,
-        max_queue_delay_s=settings.max_queue_delay_ms / 1000,
-        refusal_rate_factor=settings.refusal_rate_factor,
-        observer=observer,
-    )
-    set_model_info(
-        runtime.spec.name, runtime.spec.version, runtime.providers[0], runtime.spec.precision
-    )
-    # Everything allocated so far (ONNX, FastAPI, the session) lives as long as the process.
+    repository = new_repository(settings, app.state.tracing)
+    app.state.repository = repository
+    app.state.drain.on_begin(repository.begin_drain)
+    # Blocking on purpose: nothing is served before the models load. With one model file, a
+    # failure here stops start-up (uvicorn exits non-zero) rather than leave a server that can
+    # never be ready; a repository starts anyway, its index saying what failed.
+    await repository.start()
+    # Everything allocated so far (ONNX, FastAPI, the sessions) lives as long as the process.
     # Frozen, it is no longer rescanned by every full collection of the cyclic GC, whose pauses
     # showed in p99: 28 px model at concurrency 32, p99 37.5 ms before, 17.3 ms after.
     gc.collect()
     gc.freeze()
     grpc_server = None
     if settings.grpc_port:
-        grpc_server = GrpcServer(app.state, settings)
+        grpc_server = GrpcServer(repository, settings, app.state.tracing, app.state.reuse_port)
         try:
-            app.state.grpc_port = await grpc_server.start()
+            app.state.grpc_port = await grpc_server.start(app.state.drain)
         except BaseException:
-            await batcher.stop()
+            await repository.stop()
             raise
-    app.state.ready = True
+    loaded = [e for e in repository.index() if e.state == "READY"]
     log.info(
-        "ready in %.2f s (warm-up %.3f s): %s v%s on %s, batch<=%d, wait<=%g ms, gRPC %s",
+        "%s in %.2f s: %s; batch<=%d, wait<=%g ms, gRPC %s",
+        "ready" if repository.ready else "started, NOT ready (no model loaded)",
         time.perf_counter() - start,
-        warm,
-        runtime.spec.name,
-        runtime.spec.version,
-        runtime.providers,
+        ", ".join(f"{e.name} v{e.version}" for e in loaded) or "no model",
         settings.max_batch_size,
         settings.max_wait_ms,
         f"on port {app.state.grpc_port}" if grpc_server else "off",
     )
-    if not triton.is_numeric_version(runtime.spec.version):
-        log.warning(
-            "model version %r is not a number: Triton's perf_analyzer cannot read its statistics",
-            runtime.spec.version,
-        )
+    for entry in loaded:
+        if not triton.is_numeric_version(entry.version):
+            log.warning(
+                "model %s version %r is not a number: Triton's perf_analyzer cannot read its "
+                "statistics",
+                entry.name,
+                entry.version,
+            )
     try:
         yield
     finally:
         # Not ready first, so a load balancer stops sending while queued requests drain.
-        app.state.ready = False
+        repository.begin_drain()
         if grpc_server is not None:
             # Health says NOT_SERVING, no new calls; the calls in flight finish on the batcher.
             await grpc_server.stop(settings.graceful_shutdown_s)
-        await batcher.stop()
-        if tracing is not None:
-            tracing.shutdown()  # export what is still buffered
+        await repository.stop()
+        if app.state.tracing is not None:
+            app.state.tracing.shutdown()  # export what is still buffered
         mark_process_dead()
 
 
 def create_app(
-    settings: Settings | None = None, drain: Drain | None = None, tracing: Tracing | None = None
+    settings: Settings | None = None,
+    drain: Drain | None = None,
+    tracing: Tracing | None = None,
+    *,
+    reuse_port: bool = False,
 ) -> FastAPI:
-    """The app; ``drain`` is shared with the server that starts it on SIGTERM (service.drain);
+    """The app; ``drain`` is shared with the server that starts it on SIGTERM (service.server);
     ``tracing`` replaces the one ``SEPCONV_TRACING`` configures from ``OTEL_*`` (tests pass one
-    with an in-memory exporter)."""
+    with an in-memory exporter); ``reuse_port``: one of several workers, whose gRPC socket joins
+    the port's SO_REUSEPORT group."""
     settings = settings or Settings()
     drain = drain or Drain()
     if tracing is None and settings.tracing:
@@ -171,8 +148,10 @@ def create_app(
     )
     app.state.settings = settings
     app.state.tracing = tracing
-    app.state.ready = False
     app.state.drain = drain
+    app.state.reuse_port = reuse_port
+    # Not started: not ready, every model request answers 503 until the lifespan runs.
+    app.state.repository = ModelRepository(settings)
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)

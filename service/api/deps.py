@@ -1,4 +1,5 @@
-"""What handlers need from the app, in one word each: the classifier seam, the settings.
+"""What handlers need from the app, in one word each: the model repository (the seam every
+protocol calls for readiness, model lookup and inference), the settings, the request context.
 
 The dependency providers are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency
 in its thread pool, which costs a thread hop per request.
@@ -8,34 +9,42 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 
-from service.engine.classifier import Classifier
 from service.engine.context import RequestContext
-from service.errors import NotReady
+from service.engine.repository import ModelRepository
 from service.logs import request_id_var
 from service.settings import Settings
 from service.tracing import current_trace
 
 
-def is_ready(request: Request) -> bool:
-    """Readiness for load balancers: loaded and warm, and not draining (service.drain)."""
-    state = request.app.state
-    return bool(getattr(state, "ready", False)) and not state.drain.draining
+def repository_of(request: Request) -> ModelRepository:
+    return request.app.state.repository
 
 
-def require_ready(state) -> tuple[Classifier, Settings]:
-    """The classifier and the settings, or :class:`NotReady` (503) until the model is warm."""
-    if not getattr(state, "ready", False):
-        raise NotReady()
-    return state.classifier, state.settings
+def settings_of(request: Request) -> Settings:
+    return request.app.state.settings
 
 
-async def get_classifier(request: Request) -> Classifier:
-    return require_ready(request.app.state)[0]
+async def get_repository(request: Request) -> ModelRepository:
+    return request.app.state.repository
 
 
-ClassifierDep = Annotated[Classifier, Depends(get_classifier)]
+RepositoryDep = Annotated[ModelRepository, Depends(get_repository)]
+#: ``?model=`` and ``?version=`` on the ``/v1`` routes: which model (default: the default
+#: model) and version (default: its highest loaded).
+ModelQuery = Annotated[
+    str | None, Query(description="Model name; default: the server's default model.")
+]
+VersionQuery = Annotated[
+    str | None, Query(description="Model version; default: the highest loaded.")
+]
+
+
+def model_query(request: Request) -> tuple[str | None, str | None]:
+    """``?model=`` and ``?version=`` read without FastAPI's dependency solving (hot routes)."""
+    params = request.query_params
+    return params.get("model") or None, params.get("version") or None
 
 
 def request_context(protocol: str) -> RequestContext:

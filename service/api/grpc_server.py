@@ -1,11 +1,12 @@
 """The Open Inference Protocol v2 over gRPC, on grpc.aio, in the HTTP app's process and event loop.
 
-The HTTP app's lifespan starts it once the model is warm and stops it on shutdown, so both
-transports share the one Classifier seam and its batcher: gRPC and HTTP requests batch together.
+The HTTP app's lifespan starts it once the models are warm and stops it on shutdown, so both
+transports share the one seam (the model repository) and its batchers: gRPC and HTTP requests
+batch together.
 Handlers translate with :mod:`service.protocols.oip_grpc.codec` and raise service errors;
 :func:`abort_with` is the one place those become gRPC status codes. ``grpc.health.v1`` answers
-SERVING for the server (``""``) and for ``inference.GRPCInferenceService`` while the model is
-ready, NOT_SERVING from the start of shutdown.
+SERVING for the server (``""``) and for ``inference.GRPCInferenceService`` from start-up,
+NOT_SERVING from the start of draining.
 
 Limits are HTTP's: a message over ``SEPCONV_MAX_BODY_BYTES`` (after decompression) is refused by
 gRPC itself with RESOURCE_EXHAUSTED, images over ``SEPCONV_MAX_PIXELS`` and requests with more
@@ -28,10 +29,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import sepconv
 from sepconv.spec import ModelSpec
-from service import supervisor
-from service.engine.classifier import Classifier
+from service.drain import Drain
 from service.engine.context import RequestContext
-from service.errors import InferenceFailed, NotFound, NotReady, ServiceError
+from service.engine.repository import ModelRepository
+from service.errors import InferenceFailed, ServiceError
 from service.logs import REQUEST_ID_HEADER, request_id_from, request_id_var, trace_id_var
 from service.metrics import GRPC_DURATION, GRPC_REQUESTS, inference_counters
 from service.protocols import oip, triton
@@ -39,6 +40,7 @@ from service.protocols.oip_grpc import codec
 from service.protocols.oip_grpc import inference_pb2 as pb
 from service.protocols.oip_grpc import inference_pb2_grpc as pb_grpc
 from service.settings import Settings
+from service.tracing import Tracing
 
 log = logging.getLogger("service.grpc")
 
@@ -157,52 +159,29 @@ def rpc(method):
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """``inference.GRPCInferenceService`` on the app's state (classifier, settings, ready)."""
+    """``inference.GRPCInferenceService`` on the model repository (the seam)."""
 
-    def __init__(self, state: Any) -> None:
-        self.state = state
-        self.tracing = getattr(state, "tracing", None)
-
-    # --- helpers
-    def _classifier(self) -> Classifier:
-        if not getattr(self.state, "ready", False):
-            raise NotReady()
-        return self.state.classifier
-
-    def _model(self, name: str, version: str) -> ModelSpec:
-        spec = self._classifier().spec
-        if name != spec.name:
-            raise NotFound(f"unknown model {name!r}; this server serves {spec.name!r}")
-        if version and version != spec.version:
-            raise NotFound(f"model {name!r} has no version {version!r}; it has {spec.version!r}")
-        return spec
-
-    def _serving(self) -> bool:
-        """Ready for load balancers, as ``/v2/health/ready``: warm, and not draining (calls are
-        still answered while draining; readiness tells balancers to stop sending)."""
-        drain = getattr(self.state, "drain", None)
-        return bool(getattr(self.state, "ready", False)) and not (drain and drain.draining)
-
-    def _is_ready(self, name: str, version: str) -> bool:
-        try:
-            self._model(name, version)
-        except ServiceError:
-            return False
-        return self._serving()
+    def __init__(
+        self, repository: ModelRepository, settings: Settings, tracing: Tracing | None = None
+    ) -> None:
+        self.repository = repository
+        self.settings = settings
+        self.tracing = tracing
 
     # --- health and metadata
     @rpc
     async def ServerLive(self, request, context, trace) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=True)
+        return pb.ServerLiveResponse(live=self.repository.live)
 
     @rpc
     async def ServerReady(self, request, context, trace) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self._serving())
+        return pb.ServerReadyResponse(ready=self.repository.ready)
 
     @rpc
     async def ModelReady(self, request, context, trace) -> pb.ModelReadyResponse:
         # As Triton answers: not ready, rather than an error, for a model it does not serve.
-        return pb.ModelReadyResponse(ready=self._is_ready(request.name, request.version))
+        ready = self.repository.model_ready(request.name, request.version or None)
+        return pb.ModelReadyResponse(ready=ready)
 
     @rpc
     async def ServerMetadata(self, request, context, trace) -> pb.ServerMetadataResponse:
@@ -211,51 +190,68 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelMetadata(self, request, context, trace) -> pb.ModelMetadataResponse:
-        return codec.model_metadata(self._model(request.name, request.version))
+        version = request.version or None
+        with self.repository.lease(request.name, version) as classifier:
+            versions = [version] if version else self.repository.versions(request.name)
+            return codec.model_metadata(classifier.spec, versions)
 
     @rpc
     async def ModelConfig(self, request, context, trace) -> pb.ModelConfigResponse:
-        spec = self._model(request.name, request.version)
-        provider = self._classifier().runtime.providers[0]
-        config = triton.served_model_config(spec, self.state.settings, provider)
+        with self.repository.lease(request.name, request.version or None) as classifier:
+            provider = classifier.runtime.providers[0]
+            config = triton.served_model_config(classifier.spec, self.settings, provider)
         return pb.ModelConfigResponse(config=codec.from_document(config, pb.ModelConfig()))
 
     @rpc
     async def ModelStatistics(self, request, context, trace) -> pb.ModelStatisticsResponse:
+        specs: list[ModelSpec]
         if request.name:
-            spec = self._model(request.name, request.version)
+            with self.repository.lease(request.name, request.version or None) as classifier:
+                specs = [classifier.spec]
         else:
-            spec = self._classifier().spec  # every model: the one this server serves
-        document = triton.model_statistics(spec, triton.model_stats_from(inference_counters()))
-        return codec.from_document(document, pb.ModelStatisticsResponse())
+            specs = [classifier.spec for classifier in self.repository.loaded()]
+        stats = triton.statistics_of(specs, inference_counters())
+        return codec.from_document(triton.model_statistics(stats), pb.ModelStatisticsResponse())
 
+    # --- model repository
     @rpc
     async def RepositoryIndex(self, request, context, trace) -> pb.RepositoryIndexResponse:
-        ready = bool(getattr(self.state, "ready", False))
-        spec = self.state.classifier.spec
-        models = triton.repository_index(spec, ready=ready, ready_only=request.ready)
-        return codec.from_document({"models": models}, pb.RepositoryIndexResponse())
+        entries = self.repository.index(ready_only=request.ready)
+        document = {"models": [entry.document() for entry in entries]}
+        return codec.from_document(document, pb.RepositoryIndexResponse())
+
+    @rpc
+    async def RepositoryModelLoad(self, request, context, trace) -> pb.RepositoryModelLoadResponse:
+        triton.check_repository_parameters("load", codec.repository_parameters(request))
+        await self.repository.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @rpc
+    async def RepositoryModelUnload(
+        self, request, context, trace
+    ) -> pb.RepositoryModelUnloadResponse:
+        triton.check_repository_parameters("unload", codec.repository_parameters(request))
+        await self.repository.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
 
     # --- inference
     @rpc
     async def ModelInfer(self, request, context, trace) -> pb.ModelInferResponse:
-        classifier = self._classifier()
-        spec = self._model(request.model_name, request.model_version)
-        # As over HTTP: refused before the work of parsing when the server is already too busy.
-        await classifier.admit()
-        req = codec.parse_infer_request(request, spec)
-        oip.check_rows(req, classifier.max_rows)
         ctx = RequestContext(
             request_id=request_id_var.get(),
             protocol="oip-grpc",
             deadline=_deadline(context, codec.request_timeout_s(request)),
             trace=trace,
         )
-        if req.images is not None:
-            probs = await classifier.classify_images(req.images, ctx=ctx)
-        else:
-            probs = await classifier.classify_tensor(req.tensor, ctx)
-        return codec.infer_response(spec, req, probs)
+
+        async def parse(spec: ModelSpec):
+            # After admission: a refused call is never parsed.
+            return codec.parse_infer_request(request, spec)
+
+        answer = await self.repository.infer(
+            parse, ctx, request.model_name, request.model_version or None
+        )
+        return codec.infer_response(answer.spec, answer.inputs, answer.probs)
 
 
 def _deadline(context: grpc.aio.ServicerContext, timeout_s: float | None) -> float | None:
@@ -268,26 +264,31 @@ def _deadline(context: grpc.aio.ServicerContext, timeout_s: float | None) -> flo
 
 class GrpcServer:
     """The gRPC server of one process: ``await start()`` after warm-up, ``await stop()`` first
-    thing on shutdown."""
+    thing on shutdown. ``reuse_port``: one of several workers, each with its own socket in the
+    port's SO_REUSEPORT group (as service.supervisor does for HTTP); a single process must not
+    silently join another server's group."""
 
-    def __init__(self, state: Any, settings: Settings) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        settings: Settings,
+        tracing: Tracing | None = None,
+        reuse_port: bool = False,
+    ) -> None:
         self.settings = settings
-        reuseport = 1 if supervisor.in_worker() else 0
         self.server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", settings.max_body_bytes),
-                # Workers share the port, each with its own socket (as service.supervisor does
-                # for HTTP); a single process must not silently join another server's group.
-                ("grpc.so_reuseport", reuseport),
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
             ]
         )
-        self.state = state
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(state), self.server)
+        servicer = InferenceServicer(repository, settings, tracing)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = 0
 
-    async def start(self) -> int:
+    async def start(self, drain: Drain | None = None) -> int:
         """Listen and serve; returns the port (the one bound when the setting is a free port)."""
         host = self.settings.host
         port = self.settings.grpc_port
@@ -299,7 +300,6 @@ class GrpcServer:
         await self.server.start()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        drain = getattr(self.state, "drain", None)
         if drain is not None:
             # SIGTERM's drain delay: health checkers see NOT_SERVING while calls still run.
             loop = asyncio.get_running_loop()

@@ -3,6 +3,8 @@
 :class:`RequestIdMiddleware`: request ids (and, while tracing is on, spans) for every request.
 :class:`MetricsMiddleware`: HTTP traffic by route template.
 
+:class:`ConnectionCloseMiddleware`: ``Connection: close`` on every response while draining.
+
 :class:`BodySizeLimitMiddleware`: the request body limit, so an oversized body is never buffered.
 
 The check sits in ``receive``: a declared ``Content-Length`` over the limit fails the very first
@@ -18,12 +20,14 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.drain import Drain
 from service.errors import PayloadTooLarge
 from service.logs import request_id_var, start_request, trace_id_var
 from service.metrics import HTTP_DURATION, HTTP_IN_FLIGHT, HTTP_REQUESTS
 from service.tracing import RequestTrace, Tracing, current_trace
 
 UNMATCHED_ROUTE = "<unmatched>"
+CLOSE = (b"connection", b"close")
 
 
 def body_too_large(limit: int) -> PayloadTooLarge:
@@ -187,3 +191,28 @@ class RequestIdMiddleware:
         current_trace.set(trace)
         trace_id_var.set(trace.trace_id)
         return trace
+
+
+class ConnectionCloseMiddleware:
+    """While draining, every response asks the client to close its connection.
+
+    Decided when a request starts, so the hot path pays one attribute read; uvicorn sees the
+    header and closes the connection once the response is sent.
+    """
+
+    def __init__(self, app: ASGIApp, drain: Drain) -> None:
+        self.app = app
+        self.drain = drain
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.drain.draining:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_closing(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [h for h in message.get("headers", []) if h[0].lower() != CLOSE[0]]
+                message = {**message, "headers": [*headers, CLOSE]}
+            await send(message)
+
+        await self.app(scope, receive, send_closing)

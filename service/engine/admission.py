@@ -5,8 +5,13 @@ before this module existed, every request the server would refuse still had its 
 image decoded, and under 6x overload goodput fell to 38% of capacity. So the decision is made
 from numbers the server already has, before the work:
 
-    predicted wait = (images queued or running + images admitted but not yet queued)
-                     x recent model seconds per image / lanes
+    predicted wait = sum over every loaded model of
+                     (images queued or running + images admitted but not yet queued)
+                     x that model's recent seconds per image
+                     / lanes
+
+Every model and version has its own batcher, but they share the process's lanes (the cores, see
+:mod:`service.engine.lanes`), so a request to one model waits behind the work of all of them.
 
 A request is refused (429, ``Retry-After`` from the same drain rate) when its predicted wait
 exceeds ``max_delay_s`` (``SEPCONV_MAX_QUEUE_DELAY_MS``) or its images would not fit the queue.
@@ -29,7 +34,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 
-from service.engine.batcher import Batcher
+from service.engine.batcher import Batcher, retry_after
 from service.engine.observer import NULL_OBSERVER, EngineObserver
 from service.errors import Overloaded
 
@@ -58,10 +63,21 @@ class Admission:
         self.observer = observer
         self.reserved = 0  # images admitted and being read or decoded, not yet queued
         self._next_refusal = 0.0  # GCRA's theoretical arrival time of the next refusal
+        self.lanes = batcher.pool
+        self.lanes.add_source(self)
+
+    def close(self) -> None:
+        """Stop counting this model's work in the shared lanes (it is unloaded)."""
+        self.lanes.remove_source(self)
+
+    def queued_seconds(self) -> float:
+        """Model seconds of this model's images queued, running or admitted."""
+        return self.batcher.queued_seconds(self.reserved)
 
     def predicted_wait(self) -> float:
-        """Seconds a request arriving now would wait before its first image runs."""
-        return self.batcher.seconds_to_drain(self.reserved)
+        """Seconds a request arriving now would wait before its first image runs: the work of
+        every model on the shared lanes."""
+        return self.lanes.seconds_to_drain()
 
     def check(self, images: int = 1) -> None:
         """Raise :class:`Overloaded` if ``images`` more cannot be served within the budget."""
@@ -129,4 +145,4 @@ class Admission:
     def _refuse(self, reason: str, detail: str, images: int) -> None:
         for _ in range(images):
             self.observer.rejected(reason)
-        raise Overloaded(detail, retry_after_s=self.batcher.retry_after(self.reserved))
+        raise Overloaded(detail, retry_after_s=retry_after(self.predicted_wait()))

@@ -23,15 +23,13 @@ import contextlib
 import itertools
 import logging
 import math
-import os
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from service.engine.context import RequestContext
+from service.engine.lanes import Lanes
 from service.engine.observer import NULL_OBSERVER, EngineObserver
 from service.errors import DeadlineExceeded, InferenceFailed, InvalidInput, Overloaded
 
@@ -39,6 +37,12 @@ log = logging.getLogger(__name__)
 
 #: Weight of the newest batch in the per-image service time estimate.
 EWMA_WEIGHT = 0.2
+
+
+def retry_after(seconds_to_drain: float) -> int:
+    """Whole seconds until a backlog has likely drained (at least 1: HTTP wants an integer, and
+    0 would invite an immediate retry storm)."""
+    return max(1, math.ceil(seconds_to_drain))
 
 
 class QueueFullError(Overloaded):
@@ -64,20 +68,6 @@ class BatchFailedError(InferenceFailed):
     """The model run for the batch holding this request failed (a server fault)."""
 
 
-def _lower_thread_priority(nice: int) -> None:
-    """Make the calling (inference) thread yield to the event loop when both want a core.
-
-    Linux gives each thread its own nice value; with one ORT thread per worker, ORT computes on
-    this thread, so refusals and decoding on the event loop are not queued behind a batch.
-    """
-    if nice <= 0:
-        return
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-    except (AttributeError, OSError) as exc:  # not Linux, or not permitted: run as is
-        log.warning("cannot lower the inference thread's priority: %s", exc)
-
-
 #: (input, the caller's future, monotonic arrival time, the request's context or None)
 _Item = tuple[np.ndarray, asyncio.Future, float, RequestContext | None]
 
@@ -94,7 +84,7 @@ class Batcher:
         max_queue_size: int = 512,
         timeout_s: float = 10.0,
         item_shape: tuple[int, ...] | None = None,
-        lanes: int = 1,
+        lanes: int | Lanes = 1,
         inline_max_s: float = 0.0,
         inference_nice: int = 0,
         observer: EngineObserver = NULL_OBSERVER,
@@ -104,7 +94,7 @@ class Batcher:
             or max_queue_size < 1
             or max_wait_s < 0
             or timeout_s <= 0
-            or lanes < 1
+            or (isinstance(lanes, int) and lanes < 1)
         ):
             raise ValueError("batcher limits must be positive")
         self.run_batch = run_batch
@@ -118,18 +108,14 @@ class Batcher:
         # ``lanes`` batches may run at once, each in its own thread (an ORT session may be run
         # from several threads). One lane with multi-threaded ORT gives the lowest latency for
         # a lone request; several single-threaded lanes waste no time in ORT's intra-op
-        # barriers, which a busy event loop on the same cores makes expensive.
-        self.lanes = lanes
-        self._lane_free = asyncio.Semaphore(lanes)
+        # barriers, which a busy event loop on the same cores makes expensive. Given a shared
+        # :class:`Lanes`, the batchers of every loaded model take turns on the same lanes.
+        self._owns_pool = not isinstance(lanes, Lanes)
+        self.pool = Lanes(lanes, inference_nice=inference_nice) if self._owns_pool else lanes
         self._in_flight: set[asyncio.Task] = set()
-        self._executor = ThreadPoolExecutor(
-            max_workers=lanes,
-            thread_name_prefix="sepconv-infer",
-            initializer=_lower_thread_priority,
-            initargs=(inference_nice,),
-        )
         self._worker: asyncio.Task | None = None
         self._running = 0  # images in batches that are running now
+        self._held = 0  # the image taken off the queue, waiting for a free lane
         #: Recent seconds of model time per image in one lane (an EWMA over batches); None until
         #: measured or seeded from the warm-up.
         self.image_seconds: float | None = None
@@ -143,6 +129,10 @@ class Batcher:
         self.nominal_image_seconds: float | None = None
         self._batch_ids = itertools.count(1)  # names batches in traces
 
+    @property
+    def lanes(self) -> int:
+        return self.pool.count
+
     # --- lifecycle
     def start(self) -> None:
         if self._worker is None:
@@ -151,7 +141,8 @@ class Batcher:
             )
 
     async def stop(self) -> None:
-        """Stop the worker; queued requests fail instead of hanging."""
+        """Stop the worker; queued requests fail instead of hanging (a shared pool of lanes
+        stays open for the other models)."""
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -166,17 +157,19 @@ class Batcher:
             if not fut.done():
                 fut.set_exception(BatchFailedError("the server is shutting down"))
         self.observer.queue_depth(0)
-        # Off the event loop: a batch still in ORT finishes first, and the loop keeps serving.
-        await asyncio.to_thread(self._executor.shutdown, wait=True)
+        if self._owns_pool:
+            # A batch still in ORT finishes first, and the loop keeps serving meanwhile.
+            await self.pool.close()
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        """Images waiting: queued, or taken to wait for a free lane."""
+        return self._queue.qsize() + self._held
 
     @property
     def backlog(self) -> int:
         """Images queued or running: the work ahead of a new arrival."""
-        return self._queue.qsize() + self._running
+        return self.depth + self._running
 
     def record_batch(self, size: int, seconds: float) -> None:
         """Fold one batch's model time into the per-image estimate (also used to seed it)."""
@@ -188,16 +181,19 @@ class Batcher:
             # A short memory: the drain rate must follow load changes within a few batches.
             self.image_seconds += EWMA_WEIGHT * (per_image - self.image_seconds)
 
-    def seconds_to_drain(self, extra: int = 0) -> float:
-        """Predicted seconds until ``backlog + extra`` images are through the model."""
+    def queued_seconds(self, extra: int = 0) -> float:
+        """Model seconds of the ``backlog + extra`` images (one lane's time)."""
         if self.image_seconds is None:
             return 0.0
-        return (self.backlog + extra) * self.image_seconds / self.lanes
+        return (self.backlog + extra) * self.image_seconds
+
+    def seconds_to_drain(self, extra: int = 0) -> float:
+        """Predicted seconds until ``backlog + extra`` images are through this model alone."""
+        return self.queued_seconds(extra) / self.lanes
 
     def retry_after(self, extra: int = 0) -> int:
-        """Whole seconds until the backlog has likely drained (at least 1: HTTP wants an
-        integer, and 0 would invite an immediate retry storm)."""
-        return max(1, math.ceil(self.seconds_to_drain(extra)))
+        """Whole seconds until the backlog has likely drained (:func:`retry_after`)."""
+        return retry_after(self.seconds_to_drain(extra))
 
     # --- caller side
     async def submit(
@@ -240,7 +236,7 @@ class Batcher:
         except asyncio.QueueFull:
             self.observer.rejected("queue_full")
             raise QueueFullError(self.max_queue_size, self.retry_after()) from None
-        self.observer.queue_depth(self._queue.qsize())
+        self.observer.queue_depth(self.depth)
         # A timer that fails the future is cheaper than asyncio.wait_for (no extra task); a done
         # future is skipped by the worker, and so is one cancelled by a client disconnect.
         timer = loop.call_later(wait_s, self._expire, fut, wait_s)
@@ -251,8 +247,8 @@ class Batcher:
         return (
             self.single_image_s is not None
             and self.single_image_s <= self.inline_max_s
-            and self._running == 0
-            and self._queue.empty()
+            and self.pool.running == 0
+            and self.backlog == 0
         )
 
     def _run_inline(self, x: np.ndarray, fut: asyncio.Future, ctx: RequestContext | None) -> None:
@@ -287,9 +283,9 @@ class Batcher:
             )
 
     # --- worker side
-    async def _collect(self) -> list[_Item]:
+    async def _collect(self, first: _Item) -> list[_Item]:
         queue = self._queue
-        batch = [await queue.get()]
+        batch = [first]
         while len(batch) < self.max_batch_size and not queue.empty():
             batch.append(queue.get_nowait())
         if len(batch) > 1 and len(batch) < self.max_batch_size and self.max_wait_s > 0:
@@ -310,18 +306,28 @@ class Batcher:
 
     async def _work(self) -> None:
         while True:
-            # Wait for a free lane before collecting, so a batch keeps filling while all lanes
-            # are busy instead of leaving with whatever had arrived.
-            await self._lane_free.acquire()
+            first = await self._queue.get()
+            # The first image waits for a free lane (other models may hold them all) while the
+            # queue behind it keeps filling, so the batch leaves as full as the wait allowed.
+            self._held = 1
             try:
-                collected = await self._collect()
+                await self.pool.acquire()
             except BaseException:
-                self._lane_free.release()
+                self._held = 0
+                if not first[1].done():
+                    first[1].set_exception(BatchFailedError("the server is shutting down"))
                 raise
+            try:
+                collected = await self._collect(first)
+            except BaseException:
+                self.pool.release()
+                raise
+            finally:
+                self._held = 0
             now = time.monotonic()
             live = [item for item in collected if not item[1].done()]
             if not live:
-                self._lane_free.release()
+                self.pool.release()
                 continue
             self.observer.batch_started(
                 len(live), [now - item[2] for item in live], [item[3] for item in live]
@@ -342,9 +348,10 @@ class Batcher:
         loop = asyncio.get_running_loop()
         batch_id = next(self._batch_ids)
         self._running += len(live)
+        self.pool.running += len(live)
         try:
             x = np.stack([item[0] for item in live]) if len(live) > 1 else live[0][0][None]
-            out, seconds = await loop.run_in_executor(self._executor, self._timed_run, x)
+            out, seconds = await loop.run_in_executor(self.pool.executor, self._timed_run, x)
             if len(out) != len(live):
                 raise BatchFailedError(
                     f"the model returned {len(out)} results for a batch of {len(live)}"
@@ -370,7 +377,8 @@ class Batcher:
             return
         finally:
             self._running -= len(live)
-            self._lane_free.release()
+            self.pool.running -= len(live)
+            self.pool.release()
         self._finished(batch_id, live, started, None)
         self.record_batch(len(live), seconds)
         self.observer.classified(len(live))

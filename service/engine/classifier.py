@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -25,7 +26,21 @@ from service.engine.context import RequestContext
 from service.engine.observer import NULL_OBSERVER, EngineObserver
 from service.engine.postprocess import softmax
 from service.engine.runtime import ModelRuntime
-from service.errors import ImageTooLarge, InvalidImage, Overloaded
+from service.errors import ImageTooLarge, InvalidImage, Overloaded, PayloadTooLarge
+
+
+class Inputs(Protocol):
+    """What a protocol's request gives the engine: exactly one of encoded ``images`` and a
+    preprocessed ``tensor`` (float32 N, C, H, W), and the images' ``names`` (may be empty)."""
+
+    @property
+    def images(self) -> Sequence[bytes] | None: ...
+
+    @property
+    def tensor(self) -> np.ndarray | None: ...
+
+    @property
+    def names(self) -> Sequence[str]: ...
 
 
 class Classifier:
@@ -72,6 +87,29 @@ class Classifier:
         except Overloaded:
             await self.admission.pace()
             raise
+
+    def close(self) -> None:
+        """Release what the model holds beyond its batcher (call once the batcher has stopped):
+        its share of the lanes' accounting and its ONNX Runtime session."""
+        self.admission.close()
+        self.runtime.close()
+
+    def check_rows(self, rows: int) -> None:
+        """More rows than the queue can ever hold at once: 413, since a retry cannot help."""
+        if rows > self.max_rows:
+            raise PayloadTooLarge(
+                f"{rows} rows in one request; the server queues at most {self.max_rows} "
+                "(SEPCONV_MAX_QUEUE_SIZE)",
+                code="too_many_rows",
+            )
+
+    async def classify(self, inputs: Inputs, ctx: RequestContext | None = None) -> np.ndarray:
+        """A protocol's decoded request -> probabilities (N, num_classes), in request order."""
+        if inputs.images is not None:
+            self.check_rows(len(inputs.images))
+            return await self.classify_images(inputs.images, inputs.names, ctx)
+        self.check_rows(len(inputs.tensor))
+        return await self.classify_tensor(inputs.tensor, ctx)
 
     async def preprocess(self, blobs: Sequence[bytes], names: Sequence[str] = ()) -> np.ndarray:
         """Encoded images -> float32 (N, C, H, W), exactly as in training."""

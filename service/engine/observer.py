@@ -80,3 +80,20 @@ for _name in [n for n in vars(EngineObserver) if not n.startswith("_")]:
 
 #: The default: hooks cost one no-op call.
 NULL_OBSERVER = EngineObserver()
+
+
+class RepositoryObserver:
+    """What the model repository reports: loads, failed loads, unloads (metrics, logs)."""
+
+    def model_loaded(self, name: str, version: str, seconds: float, runtime) -> None:
+        """``name`` version ``version`` is loaded, warm and serving; it took ``seconds``;
+        ``runtime`` (:class:`~service.engine.runtime.ModelRuntime`) says what runs it."""
+
+    def model_load_failed(self, name: str, version: str, reason: str) -> None:
+        """A load of ``name`` version ``version`` failed; whatever served before still does."""
+
+    def model_unloaded(self, name: str, version: str) -> None:
+        """``name`` version ``version`` answered its last request and released its session."""
+
+
+NULL_REPOSITORY_OBSERVER = RepositoryObserver()

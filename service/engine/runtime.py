@@ -90,6 +90,8 @@ class ModelRuntime:
         spinning: bool = False,
         observer: EngineObserver = NULL_OBSERVER,
         name: str | None = None,
+        version: str | None = None,
+        memory_arena: bool = True,
     ) -> None:
         self.path = find_model_file(path)
         self.observer = observer
@@ -100,10 +102,12 @@ class ModelRuntime:
             self.spec: ModelSpec = spec_from_bytes(self.model_bytes, str(self.path))
         except SpecError as exc:
             raise ModelLoadError(f"cannot serve {self.path}: {exc}") from exc
-        if name:
-            # Served under another name (KServe: the InferenceService's); everything that names
-            # the model reads this spec, so every protocol agrees on it.
-            self.spec = self.spec.model_copy(update={"name": name})
+        served = {k: v for k, v in (("name", name), ("version", version)) if v}
+        if served:
+            # Served under another name (KServe: the InferenceService's) or as a repository's
+            # version (its folder's number); everything that names the model reads this spec,
+            # so every protocol agrees on it.
+            self.spec = self.spec.model_copy(update=served)
 
         requested = choose_providers(provider)
         opts = ort.SessionOptions()
@@ -114,6 +118,9 @@ class ModelRuntime:
         spin = "1" if spinning else "0"
         opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
         opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        # ORT's CPU arena keeps every block it ever grew (onnxruntime#11627); without it, the
+        # memory a run takes goes back to malloc, and a released session leaves nothing behind.
+        opts.enable_cpu_mem_arena = memory_arena
         try:
             self.session = ort.InferenceSession(self.model_bytes, opts, providers=requested)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
@@ -169,6 +176,12 @@ class ModelRuntime:
                 f"{self.path}: graph outputs {out_shape[-1]} classes, metadata lists "
                 f"{spec.num_classes} labels"
             )
+
+    def close(self) -> None:
+        """Release the ONNX Runtime session (its weights, arena and threads) now, rather than
+        whenever the last reference to this object goes; the model must not run again."""
+        self.session = None
+        self.model_bytes = b""
 
     def cost_report(self):
         """The static cost report of the served graph, computed on first use and kept."""

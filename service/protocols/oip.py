@@ -83,29 +83,25 @@ class InferRequest:
     def batch_size(self) -> int:
         return len(self.images) if self.images is not None else len(self.tensor)
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        """File names of the images: the protocol carries none."""
+        return ()
+
 
 # --- metadata ---------------------------------------------------------------------------------
-
-
-def check_rows(request: InferRequest, max_rows: int) -> None:
-    """More rows than the server can ever queue at once: 413, since a retry cannot help."""
-    if request.batch_size > max_rows:
-        raise OIPError(
-            f"{request.batch_size} rows in one request; the server queues at most "
-            f"{max_rows} (SEPCONV_MAX_QUEUE_SIZE)",
-            413,
-        )
 
 
 def server_metadata(version: str, extensions: Sequence[str] = EXTENSIONS) -> dict[str, Any]:
     return {"name": SERVER_NAME, "version": version, "extensions": list(extensions)}
 
 
-def model_metadata(spec: ModelSpec) -> dict[str, Any]:
+def model_metadata(spec: ModelSpec, versions: Sequence[str] = ()) -> dict[str, Any]:
+    """The model's metadata; ``versions``: those loaded (default: the spec's own)."""
     side = spec.input_size
     return {
         "name": spec.name,
-        "versions": [spec.version],
+        "versions": list(versions) or [spec.version],
         "platform": PLATFORM,
         "inputs": [
             {"name": spec.input_name, "datatype": "FP32", "shape": [-1, spec.channels, side, side]},

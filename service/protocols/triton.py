@@ -15,16 +15,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from sepconv.spec import ModelSpec
+from service.errors import InvalidRequest
 from service.protocols import oip
 
 if TYPE_CHECKING:
     from service.settings import Settings
 
-#: Listed in the server metadata next to the OIP extensions. The repository index is served
-#: too, but not ``model_repository``: that name promises load and unload, and this server
-#: serves the one model it loaded at start-up.
-EXTENSIONS = ("model_configuration", "statistics")
+#: Listed in the server metadata next to the OIP extensions.
+EXTENSIONS = ("model_configuration", "model_repository", "statistics")
 BACKEND = "onnxruntime"
 #: Triton's statistic names in ``inference_stats``, in Triton's order.
 INFERENCE_STATS = (
@@ -101,6 +102,14 @@ def model_stats_from(counters: dict[str, tuple[float, float]]) -> ModelStats:
     )
 
 
+def statistics_of(
+    specs: list[ModelSpec], counters: dict[tuple[str, str], dict[str, tuple[float, float]]]
+) -> list[tuple[ModelSpec, ModelStats]]:
+    """Each model version's statistics from the engine's counters
+    (:func:`service.metrics.inference_counters`), zero for one not used yet."""
+    return [(spec, model_stats_from(counters.get((spec.name, spec.version), {}))) for spec in specs]
+
+
 def server_extensions() -> list[str]:
     return [*oip.EXTENSIONS, *EXTENSIONS]
 
@@ -170,8 +179,9 @@ def served_model_config(spec: ModelSpec, settings: Settings, provider: str) -> d
     )
 
 
-def model_statistics(spec: ModelSpec, stats: ModelStats) -> dict[str, Any]:
-    """``{"model_stats": [...]}`` for the served model (Triton's ``ModelStatisticsResponse``)."""
+def model_statistics(models: list[tuple[ModelSpec, ModelStats]]) -> dict[str, Any]:
+    """``{"model_stats": [...]}``, one entry per model version (Triton's
+    ``ModelStatisticsResponse``)."""
     return {
         "model_stats": [
             {
@@ -185,18 +195,51 @@ def model_statistics(spec: ModelSpec, stats: ModelStats) -> dict[str, Any]:
                     for name in INFERENCE_STATS
                 },
             }
+            for spec, stats in models
         ]
     }
 
 
-def repository_index(spec: ModelSpec, *, ready: bool, ready_only: bool) -> list[dict[str, str]]:
-    """The repository index: the one served model, ``READY`` or ``UNAVAILABLE``.
+def check_repository_parameters(action: str, parameters: dict[str, Any]) -> None:
+    """The ``parameters`` of a load or unload request (Triton's model repository extension),
+    refused unless this server does what they ask: a load may not override the model's
+    configuration or send its files (the repository folder is the one source of models), and
+    ``unload_dependents`` has nothing to act on (no ensembles)."""
+    for key, value in parameters.items():
+        if action == "unload" and key == "unload_dependents" and isinstance(value, bool):
+            continue
+        if key == "config" or key.startswith("file:"):
+            raise InvalidRequest(
+                f"parameter {key!r} is not supported: models are loaded from the repository "
+                "folder as they are; put the file and its config.json there and load again"
+            )
+        raise InvalidRequest(f"unknown {action} parameter {key!r}")
 
-    ``ready_only`` (the request's ``ready: true``) leaves out a model that is not ready.
-    """
-    if ready_only and not ready:
-        return []
-    entry = {"name": spec.name, "version": spec.version, "state": "READY", "reason": ""}
-    if not ready:
-        entry.update(state="UNAVAILABLE", reason="loading, warming up or shutting down")
-    return [entry]
+
+def repository_request(body: bytes, action: str) -> None:
+    """A load or unload request body over HTTP: empty, or ``{"parameters": {...}}``."""
+    if not body.strip():
+        return
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("parameters", {}), dict):
+        raise InvalidRequest(f"a {action} request is a JSON object with optional 'parameters'")
+    check_repository_parameters(action, document.get("parameters", {}))
+
+
+def index_request(body: bytes) -> bool:
+    """The repository index request body over HTTP: ``ready_only`` from ``{"ready": true}``."""
+    if not body.strip():
+        return False
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise InvalidRequest("repository index request must be a JSON object")
+    ready_only = document.get("ready", False)
+    if not isinstance(ready_only, bool):
+        raise InvalidRequest("'ready' must be true or false")
+    return ready_only

@@ -7,6 +7,7 @@ models in :mod:`service.api.routes.classify` describe the same shapes for the Op
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import orjson
@@ -17,6 +18,15 @@ from service.errors import InvalidParameter, ServiceError, UnsupportedMediaType
 
 DEFAULT_TOP_K = 5
 SUPPORTED_HINT = "send multipart/form-data with field `file`, or the image as the raw body"
+
+
+@dataclass(frozen=True, slots=True)
+class Images:
+    """A ``/v1/classify`` request for the engine: encoded images and their file names."""
+
+    images: list[bytes]
+    names: list[str]
+    tensor: None = None
 
 
 def parse_top_k(raw: str | None) -> int:

@@ -13,12 +13,13 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from service.api.deps import request_context, require_ready
+from service.api.deps import model_query, repository_of, request_context, settings_of
 from service.api.errors import ProtocolRoute, error_example
 from service.engine.decode import is_supported_image_type
 from service.errors import NOT_READY_DETAIL, InvalidParameter, InvalidRequest, PayloadTooLarge
 from service.protocols.v1 import (
     SUPPORTED_HINT,
+    Images,
     classify_response,
     media_type,
     parse_top_k,
@@ -122,6 +123,9 @@ RESPONSES = {
             }
         },
     },
+    **error_example(
+        404, "not_found", "unknown model 'resnet'; this server serves 'fashion'", "No such model."
+    ),
     **error_example(503, "not_ready", NOT_READY_DETAIL, "Model not loaded yet."),
     **error_example(
         504,
@@ -140,6 +144,23 @@ TOP_K_PARAMETER = {
     "schema": {"type": "integer", "minimum": 1, "default": 5},
     "example": 3,
 }
+MODEL_PARAMETERS = [
+    {
+        "name": "model",
+        "in": "query",
+        "required": False,
+        "description": "Model name (GET /v2/repository/index lists them); default: the "
+        "server's default model (SEPCONV_DEFAULT_MODEL).",
+        "schema": {"type": "string"},
+    },
+    {
+        "name": "version",
+        "in": "query",
+        "required": False,
+        "description": "Model version; default: the highest loaded.",
+        "schema": {"type": "string"},
+    },
+]
 
 
 async def _read_multipart(request: Request, settings: Settings) -> tuple[list[bytes], list[str]]:
@@ -187,23 +208,28 @@ async def _read_multipart(request: Request, settings: Settings) -> tuple[list[by
     ),
     response_model=ClassifyResponse,
     responses=RESPONSES,
-    openapi_extra={"requestBody": REQUEST_BODY, "parameters": [TOP_K_PARAMETER]},
+    openapi_extra={
+        "requestBody": REQUEST_BODY,
+        "parameters": [TOP_K_PARAMETER, *MODEL_PARAMETERS],
+    },
 )
 async def classify(request: Request) -> Response:
     # No Depends() and no declared query model here: FastAPI's dependency solving costs about a
     # sixth of this route's Python time, and this is the route that sees the traffic.
-    classifier, settings = require_ready(request.app.state)
     top_k = parse_top_k(request.query_params.get("top_k"))
-    # Refused before the body is read: a refusal must cost next to nothing under overload.
-    await classifier.admit()
-    media = media_type(request.headers.get("content-type"))
-    if media == "multipart/form-data":
-        blobs, names = await _read_multipart(request, settings)
-    elif media.startswith("image/") and is_supported_image_type(media):
-        blobs, names = [await request.body()], []
-    else:
+    name, version = model_query(request)
+
+    async def read(_spec) -> Images:
+        # Called by the seam once the request is admitted: a refusal reads no body.
+        media = media_type(request.headers.get("content-type"))
+        if media == "multipart/form-data":
+            return Images(*await _read_multipart(request, settings_of(request)))
+        if media.startswith("image/") and is_supported_image_type(media):
+            return Images([await request.body()], [])
         raise unsupported(media)
-    probs = await classifier.classify_images(blobs, names, request_context("v1"))
+
+    answer = await repository_of(request).infer(read, request_context("v1"), name, version)
     return Response(
-        classify_response(classifier.spec, probs, names, top_k), media_type="application/json"
+        classify_response(answer.spec, answer.probs, answer.inputs.names, top_k),
+        media_type="application/json",
     )

@@ -21,8 +21,9 @@ from sepconv.cost import (
     profile_model,
     render,
 )
-from service.api.deps import ClassifierDep
+from service.api.deps import ModelQuery, RepositoryDep, VersionQuery
 from service.api.errors import error_example
+from service.engine.runtime import ModelRuntime
 from service.errors import NOT_READY_DETAIL, InvalidRequest, NotAcceptable, Overloaded, ServiceError
 
 router = APIRouter(tags=["model"])
@@ -74,8 +75,9 @@ def negotiate(fmt: str | None, accept: str | None) -> Format:
 
 @router.get(
     "/v1/cost",
-    summary="Compute cost of the served model",
-    description="Exact mult-adds and parameters of every Conv/Gemm/MatMul layer, counted from "
+    summary="Compute cost of a served model",
+    description="For the default model, or the one `model` (and `version`) name: exact "
+    "mult-adds and parameters of every Conv/Gemm/MatMul layer, counted from "
     "the served ONNX graph with shape inference at batch 1; each depthwise + pointwise pair "
     "against the standard conv it replaces (ratio checked exactly against 1/N + 1/Dk^2); "
     "totals, the same network with full convs, and shares per layer kind. With "
@@ -85,12 +87,15 @@ def negotiate(fmt: str | None, accept: str | None) -> Format:
     responses={
         200: {"content": {"text/markdown": {}, "text/plain": {}}},
         **error_example(400, "invalid_format", "format must be json, markdown or text", "Bad."),
+        **error_example(404, "not_found", "unknown model 'resnet'", "No such model."),
         **error_example(429, "profile_busy", "a profile is already running", "One at a time."),
         **error_example(503, "not_ready", NOT_READY_DETAIL, "Model not loaded yet."),
     },
 )
 async def get_cost(
-    classifier: ClassifierDep,
+    repository: RepositoryDep,
+    model: ModelQuery = None,
+    version: VersionQuery = None,
     format: Annotated[
         str | None, Query(description="json, markdown or text; overrides Accept.")
     ] = None,
@@ -101,7 +106,11 @@ async def get_cost(
     accept: Annotated[str | None, Header()] = None,
 ):
     fmt = negotiate(format, accept)
-    runtime = classifier.runtime
+    with repository.lease(model, version) as classifier:
+        return await _cost(classifier.runtime, fmt, profile, runs)
+
+
+async def _cost(runtime: ModelRuntime, fmt: Format, profile: bool, runs: int) -> Response:
     try:
         report = await run_in_threadpool(runtime.cost_report)
     except CostError as exc:

@@ -8,7 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from service.api.deps import is_ready
+from service.api.deps import repository_of
 from service.api.errors import error_example, error_response
 from service.errors import NOT_READY_DETAIL, NotReady
 from service.metrics import exposition_registry
@@ -34,8 +34,8 @@ async def healthz() -> Status:
 @router.get(
     "/readyz",
     summary="Readiness",
-    description="200 once the model is loaded and warmed up; 503 before that and while "
-    "shutting down. Route traffic only to ready instances.",
+    description="200 while at least one model is loaded and warmed up; 503 before that, "
+    "with no model loaded, and while shutting down. Route traffic only to ready instances.",
     response_model=Status,
     responses={
         200: {"content": {"application/json": {"example": {"status": "ready"}}}},
@@ -43,7 +43,7 @@ async def healthz() -> Status:
     },
 )
 async def readyz(request: Request) -> Response:
-    if is_ready(request):
+    if repository_of(request).ready:
         return JSONResponse({"status": "ready"})
     return error_response(request, NotReady())
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from service.api.deps import ClassifierDep
+from service.api.deps import ModelQuery, RepositoryDep, VersionQuery
 from service.api.errors import error_example
 from service.engine.runtime import ModelRuntime
 from service.errors import NOT_READY_DETAIL
@@ -109,13 +109,20 @@ def describe(runtime: ModelRuntime) -> ModelInfo:
 
 @router.get(
     "/v1/models",
-    summary="Describe the served model",
-    description="Name, version, labels, input contract (size, colour mode, normalisation), "
+    summary="Describe a served model",
+    description="The default model, or the one `model` (and `version`) name: "
+    "name, version, labels, input contract (size, colour mode, normalisation), "
     "the execution providers that really run it, width multiplier, test accuracy and how the "
     "network was optimised (convolution type, pruning, teacher, precision), all read from the "
     "ONNX file's metadata.",
     response_model=ModelInfo,
-    responses=error_example(503, "not_ready", NOT_READY_DETAIL, "Model not loaded yet."),
+    responses={
+        **error_example(404, "not_found", "unknown model 'resnet'", "No such model."),
+        **error_example(503, "not_ready", NOT_READY_DETAIL, "Model not loaded yet."),
+    },
 )
-async def get_model(classifier: ClassifierDep) -> ModelInfo:
-    return describe(classifier.runtime)
+async def get_model(
+    repository: RepositoryDep, model: ModelQuery = None, version: VersionQuery = None
+) -> ModelInfo:
+    with repository.lease(model, version) as classifier:
+        return describe(classifier.runtime)

@@ -14,11 +14,10 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 import sepconv
-from sepconv.spec import ModelSpec
-from service.api.deps import is_ready, request_context, require_ready
+from service.api.deps import repository_of, request_context, settings_of
 from service.api.errors import OIPRoute
-from service.errors import NotFound, NotReady
-from service.logs import adopt_request_id
+from service.errors import NotReady
+from service.logs import adopt_request_id, request_id_var
 from service.protocols import oip, triton
 
 router = APIRouter(tags=["Open Inference Protocol v2"], route_class=OIPRoute)
@@ -28,19 +27,6 @@ def _json(body: bytes, status_code: int = 200, headers: dict[str, str] | None = 
     return Response(
         body, status_code=status_code, media_type=oip.JSON_CONTENT_TYPE, headers=headers
     )
-
-
-def check_model(request: Request, model_name: str, model_version: str | None) -> ModelSpec:
-    """The served model's spec if the URL names it; 503 until the model is loaded and warm."""
-    classifier, _ = require_ready(request.app.state)
-    spec = classifier.spec
-    if model_name != spec.name:
-        raise NotFound(f"unknown model {model_name!r}; this server serves {spec.name!r}")
-    if model_version is not None and model_version != spec.version:
-        raise NotFound(
-            f"model {model_name!r} has no version {model_version!r}; it has {spec.version!r}"
-        )
-    return spec
 
 
 # --- health and metadata ----------------------------------------------------------------------
@@ -57,9 +43,12 @@ async def server_live() -> Response:
     return _json(b'{"live":true}')
 
 
-@router.get("/v2/health/ready", summary="Server readiness (200 ready, 503 not yet)")
+@router.get(
+    "/v2/health/ready",
+    summary="Server readiness (200 with a model loaded, 503 with none or while draining)",
+)
 async def server_ready(request: Request) -> Response:
-    if is_ready(request):
+    if repository_of(request).ready:
         return _json(b'{"ready":true}')
     return _json(b'{"ready":false}', 503, NotReady().headers)
 
@@ -69,8 +58,10 @@ async def server_ready(request: Request) -> Response:
 async def model_metadata(
     request: Request, model_name: str, model_version: str | None = None
 ) -> Response:
-    spec = check_model(request, model_name, model_version)
-    return _json(orjson.dumps(oip.model_metadata(spec)))
+    repository = repository_of(request)
+    with repository.lease(model_name, model_version) as classifier:
+        versions = [model_version] if model_version else repository.versions(model_name)
+        return _json(orjson.dumps(oip.model_metadata(classifier.spec, versions)))
 
 
 @router.get("/v2/models/{model_name}/ready", summary="Model readiness")
@@ -78,7 +69,8 @@ async def model_metadata(
 async def model_ready(
     request: Request, model_name: str, model_version: str | None = None
 ) -> Response:
-    check_model(request, model_name, model_version)
+    # 404 for a model or version not served, 503 while it loads.
+    repository_of(request).lookup(model_name, model_version)
     return _json(orjson.dumps({"name": model_name, "ready": True}))
 
 
@@ -88,30 +80,28 @@ async def model_ready(
 @router.post("/v2/models/{model_name}/infer", summary="Inference")
 @router.post("/v2/models/{model_name}/versions/{model_version}/infer", summary="Inference")
 async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
-    spec = check_model(request, model_name, model_version)
-    classifier, settings = require_ready(request.app.state)
-    # Refused before the body is read: a refusal must cost next to nothing under overload.
-    await classifier.admit()
-    # The body-size middleware has already refused anything over max_body_bytes.
-    body = oip.decompress(
-        await request.body(),
-        request.headers.get("content-encoding"),
-        max_bytes=settings.max_body_bytes,
-    )
-    req = oip.parse_request(body, request.headers.get(oip.HEADER_LENGTH), spec)
-    oip.check_rows(req, classifier.max_rows)
-    adopt_request_id(req.id)
     ctx = request_context("oip-rest")
-    if req.images is not None:
-        # The same decode and preprocessing as /v1/classify, by the same seam.
-        probs = await classifier.classify_images(req.images, ctx=ctx)
-    else:
-        probs = await classifier.classify_tensor(req.tensor, ctx)
+
+    async def parse(spec) -> oip.InferRequest:
+        # Called by the seam once the request is admitted: a refusal reads no body. The
+        # body-size middleware has already refused anything over max_body_bytes.
+        body = oip.decompress(
+            await request.body(),
+            request.headers.get("content-encoding"),
+            max_bytes=settings_of(request).max_body_bytes,
+        )
+        req = oip.parse_request(body, request.headers.get(oip.HEADER_LENGTH), spec)
+        adopt_request_id(req.id)
+        ctx.request_id = request_id_var.get()
+        return req
+
+    answer = await repository_of(request).infer(parse, ctx, model_name, model_version)
+    spec = answer.spec
     out, header_length = oip.build_response(
         model_name=spec.name,
         model_version=spec.version,
-        request=req,
-        probs=probs,
+        request=answer.inputs,
+        probs=answer.probs,
         labels=spec.labels,
     )
     if header_length is None:

@@ -194,5 +194,12 @@ def server_metadata(document: dict[str, Any]) -> pb.ServerMetadataResponse:
     return from_document(document, pb.ServerMetadataResponse())
 
 
-def model_metadata(spec: ModelSpec) -> pb.ModelMetadataResponse:
-    return from_document(oip.model_metadata(spec), pb.ModelMetadataResponse())
+def model_metadata(spec: ModelSpec, versions: list[str] | None = None) -> pb.ModelMetadataResponse:
+    return from_document(oip.model_metadata(spec, versions or ()), pb.ModelMetadataResponse())
+
+
+def repository_parameters(
+    msg: pb.RepositoryModelLoadRequest | pb.RepositoryModelUnloadRequest,
+) -> dict[str, Any]:
+    """A load or unload request's parameters as plain values (what HTTP's JSON gives)."""
+    return {key: _param(value) for key, value in msg.parameters.items()}

@@ -1,0 +1,178 @@
+"""Bringing one model version up and taking it down, the work under the repository's decisions.
+
+Up: the ONNX Runtime session is created, checked against the file's own metadata and warmed up
+on a loader thread of low priority, so the versions already serving keep their cores; the new
+version must keep the contract of the version it replaces; then its batcher starts on the
+process's shared lanes. Down: the version takes no new request (the repository stopped routing
+to it), the requests that hold it finish, its batcher stops, its session is released, and the
+freed memory goes back to the system.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import gc
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from service.engine.batcher import Batcher
+from service.engine.classifier import Classifier
+from service.engine.lanes import Lanes, lower_thread_priority
+from service.engine.layout import Fingerprint, VersionFile
+from service.engine.observer import EngineObserver
+from service.engine.runtime import ModelLoadError, ModelRuntime
+from service.settings import Settings
+
+log = logging.getLogger("service.repository")
+
+#: Nice value of the thread that loads and warms up new versions: serving goes first.
+LOAD_NICE = 10
+
+
+@dataclass(eq=False)
+class Served:
+    """A loaded version and the requests that hold it (see ``ModelRepository.lease``)."""
+
+    name: str
+    version: str
+    classifier: Classifier
+    fingerprint: Fingerprint
+    leases: int = 0
+    retiring: bool = False
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def release_freed_memory() -> None:
+    """Hand pages freed by an unloaded model back to the system (glibc keeps them otherwise,
+    and RSS would grow with every load and unload)."""
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(name).malloc_trim(0)
+
+
+class Loader:
+    def __init__(
+        self,
+        settings: Settings,
+        lanes: Lanes,
+        observer_for: Callable[[str, str], EngineObserver],
+    ) -> None:
+        self.settings = settings
+        self.lanes = lanes
+        self.observer_for = observer_for
+        self._thread = ThreadPoolExecutor(
+            1,
+            thread_name_prefix="sepconv-load",
+            initializer=lower_thread_priority,
+            initargs=(LOAD_NICE,),
+        )
+
+    async def load(self, name: str, vf: VersionFile, *, replaces: Served | None) -> Served:
+        """``vf`` loaded, checked, warm and batching; :class:`ModelLoadError` says why not.
+        ``replaces``: the newest version serving now, whose contract the new one must keep."""
+        observer = self.observer_for(name, vf.version)
+        runtime, full_batch_s, single_s = await asyncio.get_running_loop().run_in_executor(
+            self._thread, self._session, name, vf, observer
+        )
+        if replaces is not None:
+            changes = replaces.classifier.spec.contract_changes(runtime.spec)
+            if changes:
+                runtime.close()
+                raise ModelLoadError(
+                    f"its contract differs from version {replaces.version}'s ("
+                    + "; ".join(changes)
+                    + "); serve it under another model name, or unload the model first"
+                )
+        classifier = self._classifier(runtime, observer, full_batch_s, single_s)
+        classifier.batcher.start()
+        return Served(name, vf.version, classifier, vf.fingerprint)
+
+    def _session(
+        self, name: str, vf: VersionFile, observer: EngineObserver
+    ) -> tuple[ModelRuntime, float, float]:
+        """On the loader thread: the checked, warm session, and the seconds a full batch and a
+        single image take on it now."""
+        s = self.settings
+        runtime = ModelRuntime(
+            vf.path,
+            provider=s.provider,
+            intra_op_threads=s.resolved_intra_op_threads,
+            inter_op_threads=s.inter_op_threads,
+            spinning=s.ort_spinning,
+            name=name,
+            version=vf.version,
+            memory_arena=s.ort_memory_arena,
+            observer=observer,
+        )
+        try:
+            runtime.warm_up((1, s.max_batch_size), runs=s.warmup_runs)
+            # Admission control predicts waits from the measured time per image; until
+            # requests have been measured, a full batch timed now stands in. The single-image
+            # time decides whether a lone request may run on the event loop.
+            return runtime, runtime.time_batch(s.max_batch_size), runtime.time_batch(1)
+        except ModelLoadError:
+            runtime.close()
+            raise
+        except Exception as exc:  # ORT's own error types, from a graph that runs wrong
+            runtime.close()
+            raise ModelLoadError(f"{vf.path} fails its warm-up run: {exc}") from exc
+
+    def _classifier(
+        self,
+        runtime: ModelRuntime,
+        observer: EngineObserver,
+        full_batch_s: float,
+        single_s: float,
+    ) -> Classifier:
+        s = self.settings
+        batcher = Batcher(
+            runtime.run,
+            max_batch_size=s.max_batch_size,
+            max_wait_s=s.max_wait_ms / 1000,
+            max_queue_size=s.max_queue_size,
+            timeout_s=s.request_timeout_s,
+            item_shape=runtime.input_shape,
+            lanes=self.lanes,
+            inline_max_s=s.inline_inference_max_ms / 1000,
+            observer=observer,
+        )
+        batcher.record_batch(s.max_batch_size, full_batch_s)
+        batcher.single_image_s = single_s
+        return Classifier(
+            runtime,
+            batcher,
+            max_pixels=s.max_pixels,
+            inline_decode_max_pixels=s.inline_decode_max_pixels,
+            max_queue_delay_s=s.max_queue_delay_ms / 1000,
+            refusal_rate_factor=s.refusal_rate_factor,
+            observer=observer,
+        )
+
+    async def unload(self, served: Served) -> None:
+        """Wait for the requests that hold ``served``, then release it."""
+        if served.leases:
+            # Bounded: no request waits longer than its timeout for an answer anyway.
+            grace = self.settings.request_timeout_s + self.settings.max_queue_delay_ms / 1000
+            try:
+                await asyncio.wait_for(served.idle.wait(), grace)
+            except TimeoutError:
+                log.warning(
+                    "model %s version %s still had %d requests after %.0f s; stopping it",
+                    served.name,
+                    served.version,
+                    served.leases,
+                    grace,
+                )
+        await served.classifier.batcher.stop()
+        served.classifier.close()
+        await asyncio.to_thread(release_freed_memory)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False, cancel_futures=True)
