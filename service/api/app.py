@@ -20,7 +20,7 @@ import sepconv
 from service.api.errors import install_error_handlers
 from service.api.grpc_server import GrpcServer
 from service.api.middleware import BodySizeLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
-from service.api.routes import classify, cost, health, models, oip, triton_ext
+from service.api.routes import classify, cost, health, models, oip, triton_ext, ui
 from service.drain import ConnectionCloseMiddleware, Drain
 from service.engine.batcher import Batcher
 from service.engine.classifier import Classifier
@@ -44,6 +44,8 @@ ROUTERS = [
     health.router,
     models.router,
     cost.router,
+    # The web page last: nothing of it is tried before an API route.
+    ui.router,
 ]
 
 DESCRIPTION = """\
