@@ -218,6 +218,14 @@ class Settings(BaseSettings):
         10.0, gt=0, description="Longest an image may wait for its result before a 504."
     )
 
+    # --- web page
+    dashboard_url: str = Field(
+        "http://localhost:3000/d/sepconv-serve",
+        pattern=r"^(https?://[^\s\"'<>]+|/[^\s\"'<>]*)?$",
+        description="Where the page at / links for dashboards: an http(s) URL or a path on "
+        "this server; the default is docker compose's Grafana dashboard, empty hides the link.",
+    )
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.max_queue_size < self.max_batch_size:

@@ -25,7 +25,7 @@ from service.api.middleware import (
     MetricsMiddleware,
     RequestIdMiddleware,
 )
-from service.api.routes import classify, cost, health, models, oip, triton_ext
+from service.api.routes import classify, cost, health, models, oip, triton_ext, ui
 from service.drain import Drain
 from service.engine.observer import EngineObserver, FanOut
 from service.engine.repository import ModelRepository
@@ -47,6 +47,8 @@ ROUTERS = [
     health.router,
     models.router,
     cost.router,
+    # The web page last: nothing of it is tried before an API route.
+    ui.router,
 ]
 
 DESCRIPTION = """\
