@@ -20,7 +20,8 @@ from bench import harness
 from bench.harness import Workload
 
 #: The subcommands, each ``bench/<name>.py`` with a ``WORKLOAD`` (:class:`harness.Workload`);
-#: the first is what ``python -m bench`` runs without one. A new workload is one more name here.
+#: the first is what ``python -m bench`` runs without one. A new workload (next: ``reload``,
+#: bench/reload.py) is its module plus one more name here.
 WORKLOADS = ("sweep", "overload", "photos")
 
 #: The flags of the single command this replaced, and what they became.
@@ -63,7 +64,10 @@ def legacy_hint(argv: list[str]) -> str | None:
     )
 
 
-def build_parser(registry: dict[str, Workload]) -> argparse.ArgumentParser:
+def build_parser(
+    registry: dict[str, Workload],
+) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The command and one subcommand parser per workload."""
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="Start the server on loopback, load it with one workload, write a report.",
@@ -71,8 +75,9 @@ def build_parser(registry: dict[str, Workload]) -> argparse.ArgumentParser:
         f"python -m bench {WORKLOADS[0]} --quick.",
     )
     sub = parser.add_subparsers(dest="workload", metavar="WORKLOAD", required=True)
+    subparsers = {}
     for name, workload in registry.items():
-        p = sub.add_parser(
+        p = subparsers[name] = sub.add_parser(
             name,
             help=workload.help,
             description=workload.description,
@@ -80,7 +85,7 @@ def build_parser(registry: dict[str, Workload]) -> argparse.ArgumentParser:
         )
         harness.add_common_arguments(p, workload)
         workload.add_arguments(p)
-    return parser
+    return parser, subparsers
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Workload, argparse.Namespace, list[str]]:
@@ -92,12 +97,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[Workload, argparse.Namesp
     registry = workloads()
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv.insert(0, WORKLOADS[0])
-    parser = build_parser(registry)
+    parser, subparsers = build_parser(registry)
     args = parser.parse_args(argv)
     workload = registry[args.workload]
     harness.apply_presets(args, workload)
     if workload.check_args is not None:
-        workload.check_args(parser, args)
+        workload.check_args(subparsers[workload.name], args)
     return workload, args, argv
 
 

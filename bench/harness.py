@@ -56,7 +56,8 @@ class Workload:
     markdown: Callable[[dict[str, Any]], str]
     #: Seconds of load per model at most (the run's bound, logged before it starts).
     load_seconds: Callable[[Args], float]
-    #: Values for common and own flags left unset (None), ``models`` included.
+    #: Values for flags left unset (None): at least ``models``, ``concurrency``, ``duration``
+    #: and ``warmup`` (the common ones), and any of the workload's own.
     defaults: Mapping[str, Any]
     #: ``--quick``'s values, over :attr:`defaults`; no ``--quick`` flag when None.
     quick: Mapping[str, Any] | None = None
@@ -309,7 +310,9 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(args: Args, env: dict[str, str], models: list[BenchModel], argv: list[str]):
+def environment(
+    args: Args, env: dict[str, str], models: list[BenchModel], argv: list[str]
+) -> dict[str, Any]:
     """What every report opens with: the command, the machine, the server's settings."""
     base = settings_for(models[0], env) if models else Settings()
     return {

@@ -276,3 +276,41 @@ def test_a_short_sweep_writes_the_report(tiny_model_path, tmp_path):
     assert [r["batch"] for r in model["raw"]][0] == 1
     assert "| concurrency 2 |" in (tmp_path / "bench_results.md").read_text()
     assert (tmp_path / f"bench_{model['key']}.png").stat().st_size > 1000
+
+
+def test_a_workload_is_registered_by_its_name(tiny_model_path, tmp_path, monkeypatch):
+    """What `reload` (or any new workload) needs: a bench/<name>.py with a WORKLOAD, and its
+    name in WORKLOADS; the harness does flags, presets, models and the report files."""
+    import json
+    import sys
+    import types
+
+    from bench import __main__ as cli
+    from bench.harness import Workload
+
+    seen = []
+
+    def run_model(model, args, env):
+        seen.append((model.path, args.duration, args.knob, env))
+        return {"key": model.key, "title": model.title, "knob": args.knob}
+
+    module = types.ModuleType("bench.trial")
+    module.WORKLOAD = Workload(
+        name="trial",
+        help="a test workload",
+        description="trial",
+        add_arguments=lambda p: p.add_argument("--knob", type=int, default=3),
+        run_model=run_model,
+        markdown=lambda results: f"# trial {len(results['models'])}\n",
+        load_seconds=lambda args: args.duration,
+        defaults={"models": "default", "concurrency": [1], "duration": 7.0, "warmup": 0.0},
+    )
+    monkeypatch.setitem(sys.modules, "bench.trial", module)
+    monkeypatch.setattr(cli, "WORKLOADS", (*cli.WORKLOADS, "trial"))
+    argv = ["trial", "--models", str(tiny_model_path), "--workers", "1", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    assert seen == [(tiny_model_path, 7.0, 3, {"SEPCONV_WORKERS": "1"})]
+    assert (tmp_path / "trial_results.md").read_text() == "# trial 1\n"
+    results = json.loads((tmp_path / "trial_results.json").read_text())
+    assert [(m["key"], m["knob"]) for m in results["models"]] == [("model", 3)]  # file stem
+    assert results["environment"]["command"].startswith("python -m bench trial --models")
