@@ -32,12 +32,13 @@ FROM python-base AS venv-cpu
 WORKDIR /src
 RUN python3 -m venv /opt/venv
 COPY pyproject.toml README.md ./
-# The model contract and the server only: no training code in the serving image.
+# The model contract and the server only: no training code in the serving image. The `tracing`
+# extra (OpenTelemetry SDK and OTLP exporters) so that SEPCONV_TRACING=true works in the image.
 COPY sepconv ./sepconv
 COPY service ./service
 RUN --mount=type=secret,id=ca_bundle \
     if [ -s /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi \
- && /opt/venv/bin/pip install ".[cpu]" \
+ && /opt/venv/bin/pip install ".[cpu,tracing]" \
  && /opt/venv/bin/python -m pip uninstall -y pip setuptools \
  && ! /opt/venv/bin/python -c "import torch" 2>/dev/null \
  && ! /opt/venv/bin/python -c "import model" 2>/dev/null
@@ -90,7 +91,7 @@ COPY sepconv ./sepconv
 COPY service ./service
 RUN --mount=type=secret,id=ca_bundle \
     if [ -s /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi \
- && /opt/venv/bin/pip install ".[gpu]" \
+ && /opt/venv/bin/pip install ".[gpu,tracing]" \
  && /opt/venv/bin/python -m pip uninstall -y pip setuptools
 
 # ---------------------------------------------------------------- API image (CUDA)

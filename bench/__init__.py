@@ -1,4 +1,5 @@
-"""Benchmark: a cheap load generator, raw ONNX Runtime as the yardstick, and the sweep CLI.
+"""Benchmark: a cheap load generator, raw ONNX Runtime as the yardstick, and the workloads.
 
-Run ``python -m bench --help``; results go to ``docs/bench_results.md`` and ``docs/bench_*.png``.
+Run ``python -m bench --help`` (workloads: ``sweep``, the default, ``overload``, ``photos``);
+reports go to ``docs/NAME_results.md`` and ``docs/NAME_*.png``.
 """

@@ -1,12 +1,13 @@
-"""``python -m bench --overload``: what the server does when offered more than it can serve.
+"""``python -m bench overload``: what the server does when offered more than it can serve.
 
-Per model: measure capacity (closed loop), then offer open-loop load (Poisson, latency counted
-from each scheduled send) at multiples of it, and report goodput (answers per second that were
-200s), the accepted requests' p50/p99, how fast refusals come (p99), the 504s, and the server's
-resident memory sampled all along (every worker process summed), including after the load
-stops. ``--soak SECONDS`` adds one long run at the first factor, for the RSS curve.
+Per model: measure capacity (the best closed-loop point of ``--concurrency``, 32 unless set),
+then offer open-loop load (Poisson, latency counted from each scheduled send) at ``--factors``
+multiples of it, and report goodput (answers per second that were 200s), the accepted
+requests' p50/p99, how fast refusals come (p99), the 504s, and the server's resident memory
+sampled all along (every worker process summed), including after the load stops.
+``--soak SECONDS`` adds one long run at the first factor, for the RSS curve.
 
-``--overload-storm N`` adds a closed loop of N clients that resend the moment they are answered,
+``--storm N`` adds a closed loop of N clients that resend the moment they are answered,
 refused or not (what ``hey -c N`` does, ignoring ``Retry-After``): the retry storm an open loop
 never shows, since every refusal there is one request less instead of one more.
 
@@ -17,24 +18,32 @@ started more than 1 ms after its scheduled time).
 
 from __future__ import annotations
 
-import logging
+import argparse
 import math
 import os
 import statistics
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from bench import loadgen, raw_ort, report
+from bench import harness, loadgen, raw_ort, report
+from bench.harness import Args, Workload
 from bench.models import BenchModel
-from bench.server import ServerProcess
+from bench.targets import add_endpoint_argument, target_for
 
-log = logging.getLogger("bench")
+log = harness.log
 
 DEFAULT_FACTORS = (2.0, 4.0, 8.0)
 DEFAULT_STORM = 256
+DEFAULTS: dict[str, Any] = {
+    "models": "default,int8,224",
+    "concurrency": [32],
+    "duration": 5.0,
+    "warmup": 1.0,
+    "raw_duration": 3.0,
+}
+QUICK: dict[str, Any] = {"duration": 2.0, "warmup": 0.5, "raw_duration": 1.5}
 #: Targets from the issue, per model.
 GOODPUT_FRACTION_AT_4X = 0.90
 REFUSAL_P99_MS = 5.0
@@ -156,30 +165,65 @@ def check_targets(entry: dict) -> list[dict]:
     return out
 
 
-def _capacity(target: loadgen.Target, args) -> float:
-    """Closed-loop throughput at ``--overload-concurrency``: what the factors multiply."""
-    return loadgen.run(
-        loadgen.closed_loop(
-            target,
-            concurrency=args.overload_concurrency,
-            duration_s=args.duration,
-            warmup_s=args.warmup,
-            timeout_s=args.timeout,
-        )
-    ).throughput
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_endpoint_argument(p)
+    p.add_argument("--raw-duration", type=float, help="seconds of raw ORT at the max batch (3)")
+    p.add_argument(
+        "--factors",
+        type=harness.floats,
+        default=list(DEFAULT_FACTORS),
+        help="multiples of the measured capacity to offer (2,4,8)",
+    )
+    p.add_argument("--factor-duration", type=float, default=10.0, help="seconds per factor (10)")
+    p.add_argument("--connections", type=int, default=1024, help="open-loop connection cap (1024)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="capacity and every factor this many times; the median is reported (1)",
+    )
+    p.add_argument(
+        "--storm",
+        type=int,
+        default=DEFAULT_STORM,
+        help=f"closed-loop clients that resend at once, refused or not ({DEFAULT_STORM}; 0: none)",
+    )
+    p.add_argument("--pause", type=float, default=2.0, help="idle seconds between loads (2)")
+    p.add_argument("--idle", type=float, default=5.0, help="idle seconds at the end (5)")
+    p.add_argument(
+        "--soak", type=float, default=0.0, help="then SECONDS more at the first factor (RSS curve)"
+    )
+
+
+def check_args(parser: argparse.ArgumentParser, args: Args) -> None:
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    if not args.factors or min(args.factors) <= 0:
+        parser.error("--factors must be positive numbers")
+
+
+def load_seconds(args: Args) -> float:
+    loads = len(args.factors) * args.rounds + bool(args.storm)
+    return (
+        len(args.concurrency) * (args.duration + args.warmup) * args.rounds
+        + args.raw_duration
+        + loads * (args.factor_duration + args.pause)
+        + args.soak
+        + args.idle
+    )
 
 
 def _open_loop_point(
     target: loadgen.Target,
-    args,
+    args: Args,
     sampler: RssSampler,
     factor: float,
     capacity: float,
     seconds: float | None = None,
 ) -> dict:
-    """``factor`` x ``capacity`` offered for ``seconds`` (``--overload-duration``), then a
+    """``factor`` x ``capacity`` offered for ``seconds`` (``--factor-duration``), then a
     pause for the queue to drain."""
-    seconds = seconds or args.overload_duration
+    seconds = seconds or args.factor_duration
     rate = factor * capacity
     sampler.mark(f"{factor:g}x for {seconds:g} s")
     start = sampler.now()
@@ -189,38 +233,38 @@ def _open_loop_point(
             rate=rate,
             duration_s=seconds,
             max_requests=math.ceil(rate * seconds) + 1,
-            max_connections=args.overload_connections,
+            max_connections=args.connections,
             timeout_s=args.timeout,
         )
     )
     point = _point(result, factor, rate, capacity)
     point["seconds"] = seconds
     point["rss_peak_mb"] = round(sampler.peak_between(start, sampler.now()) / 2**20, 1)
-    time.sleep(args.overload_pause)
+    time.sleep(args.pause)
     return point
 
 
-def _storm_point(target: loadgen.Target, args, sampler: RssSampler, capacity: float) -> dict:
-    """``--overload-storm`` closed-loop clients that resend at once, refused or not."""
-    sampler.mark(f"storm c={args.overload_storm}")
+def _storm_point(target: loadgen.Target, args: Args, sampler: RssSampler, capacity: float) -> dict:
+    """``--storm`` closed-loop clients that resend at once, refused or not."""
+    sampler.mark(f"storm c={args.storm}")
     start = sampler.now()
     result = loadgen.run(
         loadgen.closed_loop(
             target,
-            concurrency=args.overload_storm,
-            duration_s=args.overload_duration,
+            concurrency=args.storm,
+            duration_s=args.factor_duration,
             timeout_s=args.timeout,
         )
     )
     storm = _point(result, 0.0, 0.0, capacity)
     storm.update(
-        clients=args.overload_storm,
-        seconds=args.overload_duration,
+        clients=args.storm,
+        seconds=args.factor_duration,
         refused_per_s=round(storm["refused"] / result.duration_s, 1),
         rss_peak_mb=round(sampler.peak_between(start, sampler.now()) / 2**20, 1),
     )
     _log_storm(storm)
-    time.sleep(args.overload_pause)
+    time.sleep(args.pause)
     return storm
 
 
@@ -248,47 +292,41 @@ def median_point(points: list[dict]) -> dict:
     return out
 
 
-def run_model(model: BenchModel, args, env: dict[str, str], settings, target_for) -> dict[str, Any]:
+def run_model(model: BenchModel, args: Args, env: dict[str, str]) -> dict[str, Any]:
     """Capacity, then each overload factor, then an idle pause; RSS sampled throughout."""
+    settings = harness.settings_for(model, env)
     full = raw_ort.measure(settings, settings.max_batch_size, duration_s=args.raw_duration)
     batch_ms = full.summary()["batch_latency_ms_p50"]
     log.info("%s: a full batch of %d takes %.1f ms", model.title, settings.max_batch_size, batch_ms)
-    log_path = Path(tempfile.gettempdir()) / f"sepconv-overload-{model.key}-{os.getpid()}.log"
-    with ServerProcess(model.path, env, log_path, cwd=args.server_tree) as server:
+    with harness.serve(model, env, args) as server:
         assert server.proc is not None
         sampler = RssSampler(server.proc.pid)
         sampler.start()
         try:
-            target = target_for(model, server, args.endpoint)
+            target = target_for(model, server.host, server.port, args.endpoint)
             capacities, rounds = [], []
-            for r in range(args.overload_rounds):
-                capacity = _capacity(target, args)
-                capacities.append(capacity)
-                log.info(
-                    "  round %d: capacity at c=%d: %.1f req/s",
-                    r + 1,
-                    args.overload_concurrency,
-                    capacity,
+            for r in range(args.rounds):
+                sampler.mark(f"capacity, round {r + 1}" if args.rounds > 1 else "capacity")
+                capacity = harness.capacity(
+                    harness.probe_and_sweep(server, target, args, probe_first=not r)
                 )
+                capacities.append(capacity)
+                log.info("  round %d: capacity %.1f req/s", r + 1, capacity)
                 if not r:
                     rss_start = process_group_rss(server.proc.pid)
-                for factor in args.overload_factors:
+                for factor in args.factors:
                     point = _open_loop_point(target, args, sampler, factor, capacity)
                     rounds.append(point)
                     _log(point)
-            points = [
-                median_point([p for p in rounds if p["factor"] == f]) for f in args.overload_factors
-            ]
+            points = [median_point([p for p in rounds if p["factor"] == f]) for f in args.factors]
             capacity = statistics.median(capacities)
             if args.soak:
-                soak = _open_loop_point(
-                    target, args, sampler, args.overload_factors[0], capacity, args.soak
-                )
+                soak = _open_loop_point(target, args, sampler, args.factors[0], capacity, args.soak)
                 points.append(soak)
                 _log(soak)
-            storm = _storm_point(target, args, sampler, capacity) if args.overload_storm else None
+            storm = _storm_point(target, args, sampler, capacity) if args.storm else None
             sampler.mark("idle")
-            time.sleep(args.overload_idle)
+            time.sleep(args.idle)
             rss_after = process_group_rss(server.proc.pid)
         finally:
             sampler.stop()
@@ -451,3 +489,20 @@ def plot_rss(model: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+WORKLOAD = Workload(
+    name="overload",
+    help="capacity, then open-loop load at multiples of it and a retry storm (goodput, "
+    "refusal latency, 504s, server RSS)",
+    description=__doc__,
+    add_arguments=add_arguments,
+    run_model=run_model,
+    markdown=markdown,
+    load_seconds=load_seconds,
+    defaults=DEFAULTS,
+    quick=QUICK,
+    check_args=check_args,
+    plot=plot_rss,
+    plot_suffix="_rss",
+)

@@ -18,18 +18,16 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import struct
 import sys
 from pathlib import Path
 
 from sepconv.preprocess import preprocess_bytes
 from sepconv.spec import ModelSpec, read_spec
-
-IMAGE_INPUT = "image"
+from service.protocols.oip import IMAGE_INPUT, serialize_bytes
 
 
 def image_entry(blob: bytes) -> dict:
-    return {IMAGE_INPUT: {"b64": base64.b64encode(struct.pack("<I", len(blob)) + blob).decode()}}
+    return {IMAGE_INPUT: {"b64": base64.b64encode(serialize_bytes([blob])).decode()}}
 
 
 def tensor_entry(blob: bytes, spec: ModelSpec, max_pixels: int = 40_000_000) -> dict:

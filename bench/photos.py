@@ -1,4 +1,4 @@
-"""``python -m bench --photos``: camera-sized JPEGs through ``POST /v1/classify``.
+"""``python -m bench photos``: camera-sized JPEGs through ``POST /v1/classify``.
 
 A phone photo costs the server far more to decode than to classify (a 4000x3000 JPEG against a
 224 px model), so this workload measures decoding as clients really send it: generated, seeded
@@ -12,28 +12,32 @@ reports this tree's (or ``--server-tree``'s) throughput as a ratio of that one's
 
 from __future__ import annotations
 
+import argparse
 import io
-import logging
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageChops
 
-from bench import loadgen, report
+from bench import harness, loadgen, report
+from bench.harness import Args, Workload
 from bench.models import BenchModel
-from bench.server import ServerError, ServerProcess
 
-log = logging.getLogger("bench")
+log = harness.log
 
 PHOTO_SIZES = ((1280, 960), (4000, 3000))
 #: Distinct photos per size, sent round-robin (4 x 3.5 MB requests are built up front).
 PHOTOS_PER_SIZE = 4
+DEFAULTS: dict[str, Any] = {
+    "models": "224,default",
+    "concurrency": [8],
+    "duration": 10.0,
+    "warmup": 2.0,
+}
 
 
 def photo_jpeg(width: int, height: int, seed: int = 0, quality: int = 90) -> bytes:
@@ -76,6 +80,46 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(w), int(h)
 
 
+def _sizes(text: str) -> list[tuple[int, int]]:
+    try:
+        sizes = [parse_size(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    if not sizes:
+        raise argparse.ArgumentTypeError("expected at least one WIDTHxHEIGHT")
+    return sizes
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--sizes",
+        type=_sizes,
+        default=list(PHOTO_SIZES),
+        help="comma-separated WIDTHxHEIGHT (1280x960,4000x3000)",
+    )
+    p.add_argument(
+        "--compare-tree",
+        type=Path,
+        help="also serve from this checkout, in rounds alternating with --server-tree (or "
+        "this tree), and report the throughput ratio",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=2, help="alternating rounds with --compare-tree (2)"
+    )
+
+
+def check_args(parser: argparse.ArgumentParser, args: Args) -> None:
+    if args.compare_tree is not None and not (args.compare_tree / "service").is_dir():
+        parser.error(f"--compare-tree {args.compare_tree}: no service/ package there")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+
+
+def load_seconds(args: Args) -> float:
+    servers = (2 * args.rounds) if args.compare_tree else 1
+    return servers * len(args.sizes) * len(args.concurrency) * (args.duration + args.warmup)
+
+
 def service_module(tree: Path | None) -> str:
     """Which ``service`` package a server started in ``tree`` imports (for the report)."""
     code = "import service; print(service.__file__)"
@@ -85,7 +129,7 @@ def service_module(tree: Path | None) -> str:
     return out.stdout.strip() or f"(cannot import service: {out.stderr.strip()[-200:]})"
 
 
-def environment(args: Any) -> dict[str, Any]:
+def environment(args: Args) -> dict[str, Any]:
     """What the report says about the two servers besides the sweep's environment."""
     return {
         "rounds": args.rounds,
@@ -107,53 +151,20 @@ def _measure_server(
     env: dict[str, str],
     tree: Path | None,
     photos: dict[tuple[int, int], list[bytes]],
-    args: Any,
+    args: Args,
 ) -> list[dict[str, Any]]:
     label = _label(tree)
-    log_path = Path(tempfile.gettempdir()) / f"sepconv-bench-photos-{model.key}-{os.getpid()}.log"
     points = []
-    with ServerProcess(model.path.resolve(), env, log_path, cwd=tree) as server:
+    with harness.serve(model, env, args, tree=tree) as server:
         for (w, h), bodies in photos.items():
             target = loadgen.Target(
                 server.host, server.port, "/v1/classify", tuple(bodies), content_type="image/jpeg"
             )
-            probe = loadgen.run(
-                loadgen.closed_loop(target, concurrency=1, duration_s=30, max_requests=1)
+            sweep = harness.probe_and_sweep(
+                server, target, args, label=f"{model.key} {w}x{h} ({label})"
             )
-            if probe.error_count:
-                raise ServerError(
-                    f"a {w}x{h} photo to /v1/classify failed ({dict(probe.errors)}); "
-                    f"server log {log_path}:\n{server.log_tail()}"
-                )
-            for c in args.concurrency:
-                result = loadgen.run(
-                    loadgen.closed_loop(
-                        target,
-                        concurrency=c,
-                        duration_s=args.duration,
-                        warmup_s=args.warmup,
-                        max_requests=args.max_requests,
-                        timeout_s=args.timeout,
-                    )
-                )
-                point = {
-                    "tree": label,
-                    "size": f"{w}x{h}",
-                    "mean_bytes": round(sum(map(len, bodies)) / len(bodies)),
-                    **result.summary(),
-                }
-                points.append(point)
-                log.info(
-                    "  %-10s %-10s c=%-3d %7.1f img/s  p50 %8.1f  p99 %8.1f ms  errors %d  (%s)",
-                    model.key,
-                    point["size"],
-                    c,
-                    point["req_per_s"],
-                    point["p50_ms"],
-                    point["p99_ms"],
-                    point["errors"],
-                    label,
-                )
+            size = {"size": f"{w}x{h}", "mean_bytes": round(sum(map(len, bodies)) / len(bodies))}
+            points += [{"tree": label, **size, **result.summary()} for result in sweep]
     return points
 
 
@@ -189,9 +200,9 @@ def summarize(points: list[dict[str, Any]], compare: str | None) -> list[dict[st
     return rows
 
 
-def bench_photos(model: BenchModel, args: Any, env: dict[str, str]) -> dict[str, Any]:
+def run_model(model: BenchModel, args: Args, env: dict[str, str]) -> dict[str, Any]:
     """Every photo size through one server per round; with a compare tree, A B A B rounds."""
-    photos = {size: photo_set(*size) for size in args.photo_sizes}
+    photos = {size: photo_set(*size) for size in args.sizes}
     compare = args.compare_tree
     trees: list[Path | None] = [compare, args.server_tree] if compare else [args.server_tree]
     rounds = args.rounds if compare else 1
@@ -269,3 +280,17 @@ def markdown(results: dict[str, Any]) -> str:
                 )
         lines.append("")
     return "\n".join(lines)
+
+
+WORKLOAD = Workload(
+    name="photos",
+    help="generated camera-sized JPEGs through /v1/classify, optionally against another tree",
+    description=__doc__,
+    add_arguments=add_arguments,
+    run_model=run_model,
+    markdown=markdown,
+    load_seconds=load_seconds,
+    defaults=DEFAULTS,
+    check_args=check_args,
+    environment=environment,
+)

@@ -37,7 +37,7 @@ stamp="$VENV/.sepconv-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   # torch first and exactly pinned: an unpinned resolve would pull a CUDA build of several GB.
   "$VENV/bin/pip" install -q --disable-pip-version-check "torch==2.13.0"
-  "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[cpu,build,test,bench,client]"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[cpu,build,test,bench,tracing,client]"
   touch "$stamp"
 fi
 # KServe's typed models check deploy/k8s/kserve/ (tests/k8s_schemas.py). The kserve package pins

@@ -2,7 +2,8 @@
 (one process, or ``SEPCONV_WORKERS`` of them under :mod:`service.supervisor`).
 
 The model is checked before uvicorn starts, so a missing or corrupt file exits at once with one
-clear line (status 1) instead of a lifespan traceback; a bad setting exits with status 2.
+clear line (status 1) instead of a lifespan traceback, as does ``SEPCONV_TRACING=true`` without
+the ``tracing`` extra; a bad setting exits with status 2.
 """
 
 from __future__ import annotations
@@ -116,6 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelLoadError, SpecError, LayoutError) as exc:
         print(f"sepconv-serve: cannot start: {exc}", file=sys.stderr)
         return 1
+    if settings.tracing:
+        from service.tracing import TracingUnavailable, check_available
+
+        try:
+            check_available()
+        except (TracingUnavailable, ValueError) as exc:
+            print(f"sepconv-serve: cannot start: {exc}", file=sys.stderr)
+            return 1
 
     import uvicorn
 

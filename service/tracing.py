@@ -19,11 +19,16 @@ from there to the others.
 Stage spans are recorded from timestamps when the stage is over (``start_time``/``end_time``),
 never made current, so no context is switched on the hot path. When tracing is off none of this
 module's SDK code is imported and the request path tests one attribute for None.
+
+Only the OpenTelemetry API is a core dependency; the SDK and the OTLP exporters come with the
+``tracing`` extra, and are imported only when tracing is on (:class:`TracingUnavailable` names
+the extra when they are missing).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -42,12 +47,28 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
 
 SERVICE_NAME = "sepconv-serve"
+INSTALL_HINT = "pip install 'sepconv-serve[tracing]'"
 #: The span of the HTTP request being handled (set by the request-id middleware while tracing
 #: is on), for the route to put in its RequestContext.
 current_trace: ContextVar[RequestTrace | None] = ContextVar("sepconv_trace", default=None)
 _PROPAGATOR = TraceContextTextMapPropagator()
 #: The headers / metadata keys the W3C propagator reads, lower case as HTTP/2 and ASGI give them.
 PROPAGATION_KEYS = frozenset(_PROPAGATOR.fields)
+
+
+class TracingUnavailable(RuntimeError):
+    """``SEPCONV_TRACING=true``, but the SDK or the exporter it needs is not installed."""
+
+
+@contextlib.contextmanager
+def _from_tracing_extra(what: str):
+    try:
+        yield
+    except ImportError as exc:
+        raise TracingUnavailable(
+            f"SEPCONV_TRACING=true needs {what}, which is not installed "
+            f"(no module {exc.name!r}): {INSTALL_HINT}"
+        ) from exc
 
 
 def monotonic_to_epoch_ns(t: float) -> int:
@@ -111,9 +132,10 @@ class Tracing:
     @classmethod
     def from_env(cls, exporter: SpanExporter | None = None) -> Tracing:
         """The SDK configured by the standard ``OTEL_*`` variables (module docstring)."""
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        with _from_tracing_extra("the OpenTelemetry SDK"):
+            from opentelemetry.sdk.resources import Resource
+            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
         attributes = {} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": SERVICE_NAME}
         # Resource.create merges OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME over these.
@@ -234,15 +256,16 @@ class TracingObserver(EngineObserver):
             trace.span.record_exception(error)
 
 
-def exporter_from_env() -> SpanExporter | None:
-    """The exporter ``OTEL_TRACES_EXPORTER`` names; its own settings come from ``OTEL_*`` too."""
+def exporter_class() -> type[SpanExporter] | None:
+    """The exporter class ``OTEL_TRACES_EXPORTER`` (and the OTLP protocol variables) name."""
     name = os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
     if name == "none":
         return None
     if name == "console":
-        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+        with _from_tracing_extra("the OpenTelemetry SDK"):
+            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
-        return ConsoleSpanExporter()
+        return ConsoleSpanExporter
     if name != "otlp":
         raise ValueError(f"OTEL_TRACES_EXPORTER={name!r}: use otlp, console or none")
     protocol = (
@@ -250,10 +273,28 @@ def exporter_from_env() -> SpanExporter | None:
         or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
         or "http/protobuf"
     ).strip()
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    elif protocol == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    else:
+    if protocol not in ("grpc", "http/protobuf"):
         raise ValueError(f"OTLP protocol {protocol!r}: use http/protobuf or grpc")
-    return OTLPSpanExporter()
+    with _from_tracing_extra(f"the OTLP {protocol} exporter"):
+        if protocol == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        else:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    return OTLPSpanExporter
+
+
+def exporter_from_env() -> SpanExporter | None:
+    """The exporter ``OTEL_TRACES_EXPORTER`` names; its own settings come from ``OTEL_*`` too."""
+    cls = exporter_class()
+    return cls() if cls is not None else None
+
+
+def check_available() -> None:
+    """What ``SEPCONV_TRACING=true`` will import, imported now: the server refuses to start
+    (one line) instead of every worker failing when it builds the app.
+
+    Raises :class:`TracingUnavailable` or, for unsupported ``OTEL_*`` values, ValueError.
+    """
+    with _from_tracing_extra("the OpenTelemetry SDK"):
+        import opentelemetry.sdk.trace  # noqa: F401
+    exporter_class()

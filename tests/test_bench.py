@@ -9,11 +9,15 @@ import numpy as np
 import pytest
 
 from bench import loadgen
-from bench.__main__ import check_targets, parse_args, server_env
+from bench.__main__ import WORKLOADS, legacy_hint, parse_args
+from bench.harness import server_env
 from bench.models import BenchModel, sample_images
 from bench.report import markdown, plot
 from bench.server import ServerError, ServerProcess, free_port
+from bench.sweep import check_targets
+from bench.targets import oip_binary_request, target_for
 from sepconv.spec import read_spec
+from service.protocols import oip
 
 
 def test_percentile_matches_numpy_linear_definition():
@@ -143,24 +147,57 @@ def test_server_start_failure_is_reported(tmp_path):
 
 
 def test_bench_cli_flags_become_settings():
-    args = parse_args(["--workers", "2", "--max-wait-ms", "1.5", "--env", "ORT_SPINNING=1"])
+    _, args, _ = parse_args(["--workers", "2", "--max-wait-ms", "1.5", "--env", "ORT_SPINNING=1"])
     assert server_env(args) == {
         "SEPCONV_WORKERS": "2",
         "SEPCONV_MAX_WAIT_MS": "1.5",
         "SEPCONV_ORT_SPINNING": "1",
     }
-    quick = parse_args(["--quick", "--duration", "3"])
+    _, quick, _ = parse_args(["--quick", "--duration", "3"])
     assert (quick.concurrency, quick.duration, quick.open_fractions) == ([1, 8, 32], 3.0, [0.5])
-    full = parse_args(["--concurrency", "4,64", "--open-fractions", ""])
+    _, full, _ = parse_args(["--concurrency", "4,64", "--open-fractions", ""])
     assert (full.concurrency, full.duration, full.open_fractions) == ([4, 64], 5.0, [])
+
+
+def test_each_workload_is_a_subcommand_and_sweep_is_the_default():
+    assert WORKLOADS[0] == "sweep"
+    for name in WORKLOADS:
+        workload, args, argv = parse_args([name, "--duration", "2"])
+        assert workload.name == args.workload == argv[0] == name
+        assert args.duration == 2.0 and args.models and args.concurrency and args.name
+    workload, args, argv = parse_args(["--quick"])
+    assert (workload.name, argv, args.name) == ("sweep", ["sweep", "--quick"], "bench")
+    assert parse_args(["overload"])[1].concurrency == [32]  # capacity at c=32
+    assert parse_args(["overload", "--quick"])[1].duration == 2.0
+    with pytest.raises(SystemExit):
+        parse_args(["photos", "--quick"])  # photos has no trial preset
+    with pytest.raises(SystemExit):
+        parse_args(["no-such-workload"])
+
+
+def test_old_workload_flags_fail_with_the_same_run_as_a_subcommand():
+    with pytest.raises(SystemExit) as err:
+        parse_args(["--overload", "--models", "224", "--overload-factors=2", "--soak", "9"])
+    assert "python -m bench overload --models 224 --factors=2 --soak 9" in str(err.value)
+    hint = legacy_hint(["--photos", "--photo-sizes", "64x48"])
+    assert "python -m bench photos --sizes 64x48" in hint
+    assert "bench overload --storm 0" in legacy_hint(["overload", "--overload-storm", "0"])
+    assert legacy_hint(["overload", "--storm", "0"]) is None
+
+
+def test_oip_request_body_is_what_the_server_parses(tiny_model_path):
+    spec = read_spec(str(tiny_model_path))
+    image = sample_images(spec, count=1)[0]
+    header, body = oip_binary_request(oip.IMAGE_INPUT, "BYTES", [1], oip.serialize_bytes([image]))
+    request = oip.parse_request(body, str(len(header)), spec)
+    assert request.images == [image]
+    assert [(o.name, o.binary) for o in request.outputs] == [(oip.OUTPUT_NAME, True)]
 
 
 @pytest.mark.parametrize("endpoint", ["classify", "oip", "oip-tensor"])
 def test_every_endpoint_target_is_served(server, tiny_model_path, endpoint):
-    from bench.__main__ import target_for
-
     model = BenchModel("default", "tiny", tiny_model_path, read_spec(str(tiny_model_path)), False)
-    target = target_for(model, server, endpoint)
+    target = target_for(model, server.host, server.port, endpoint)
     assert len(set(target.bodies)) == 64
     result = loadgen.run(
         loadgen.closed_loop(target, concurrency=2, duration_s=30.0, max_requests=8)
@@ -218,3 +255,62 @@ def test_selftest_drives_a_trivial_server(capsys):
     rows = capsys.readouterr().out.splitlines()[1:]
     assert [r.split()[0] for r in rows] == ["closed", "closed", "closed", "open"]
     assert all(float(r.split()[2]) > 0 for r in rows)  # every load level got answers
+
+
+def test_a_short_sweep_writes_the_report(tiny_model_path, tmp_path):
+    """``python -m bench`` end to end on the tiny model: a second of load, every file written."""
+    import json
+
+    from bench.__main__ import main
+
+    args = ["--models", str(tiny_model_path), "--workers", "1", "--concurrency", "2"]
+    args += ["--duration", "0.5", "--warmup", "0.1", "--raw-duration", "0.2", "--raw-batches", "2"]
+    args += ["--open-fractions", "0.5", "--endpoint", "oip", "--out", str(tmp_path)]
+    assert main(args) == 0
+    results = json.loads((tmp_path / "bench_results.json").read_text())
+    assert results["environment"]["command"].startswith("python -m bench sweep --models")
+    assert results["environment"]["endpoint"] == "oip"
+    (model,) = results["models"]
+    assert [p["mode"] for p in model["points"]] == ["closed", "open"]
+    assert all(p["ok"] > 0 and p["errors"] == 0 for p in model["points"]), model["points"]
+    assert [r["batch"] for r in model["raw"]][0] == 1
+    assert "| concurrency 2 |" in (tmp_path / "bench_results.md").read_text()
+    assert (tmp_path / f"bench_{model['key']}.png").stat().st_size > 1000
+
+
+def test_a_workload_is_registered_by_its_name(tiny_model_path, tmp_path, monkeypatch):
+    """What `reload` (or any new workload) needs: a bench/<name>.py with a WORKLOAD, and its
+    name in WORKLOADS; the harness does flags, presets, models and the report files."""
+    import json
+    import sys
+    import types
+
+    from bench import __main__ as cli
+    from bench.harness import Workload
+
+    seen = []
+
+    def run_model(model, args, env):
+        seen.append((model.path, args.duration, args.knob, env))
+        return {"key": model.key, "title": model.title, "knob": args.knob}
+
+    module = types.ModuleType("bench.trial")
+    module.WORKLOAD = Workload(
+        name="trial",
+        help="a test workload",
+        description="trial",
+        add_arguments=lambda p: p.add_argument("--knob", type=int, default=3),
+        run_model=run_model,
+        markdown=lambda results: f"# trial {len(results['models'])}\n",
+        load_seconds=lambda args: args.duration,
+        defaults={"models": "default", "concurrency": [1], "duration": 7.0, "warmup": 0.0},
+    )
+    monkeypatch.setitem(sys.modules, "bench.trial", module)
+    monkeypatch.setattr(cli, "WORKLOADS", (*cli.WORKLOADS, "trial"))
+    argv = ["trial", "--models", str(tiny_model_path), "--workers", "1", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    assert seen == [(tiny_model_path, 7.0, 3, {"SEPCONV_WORKERS": "1"})]
+    assert (tmp_path / "trial_results.md").read_text() == "# trial 1\n"
+    results = json.loads((tmp_path / "trial_results.json").read_text())
+    assert [(m["key"], m["knob"]) for m in results["models"]] == [("model", 3)]  # file stem
+    assert results["environment"]["command"].startswith("python -m bench trial --models")

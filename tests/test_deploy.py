@@ -86,8 +86,9 @@ def test_default_target_is_the_cpu_api():
 
 
 def test_serving_venv_installs_no_torch_and_gpu_runtime_is_on_cuda():
-    assert '".[cpu]"' in stage("venv-cpu") and 'import torch"' in stage("venv-cpu")
-    assert '".[gpu]"' in stage("venv-cuda")
+    # The tracing extra too: SEPCONV_TRACING=true must work in the images.
+    assert '".[cpu,tracing]"' in stage("venv-cpu") and 'import torch"' in stage("venv-cpu")
+    assert '".[gpu,tracing]"' in stage("venv-cuda")
     assert re.search(
         r"^ARG CUDA_IMAGE=nvidia/cuda:\S+-runtime-", (ROOT / "Dockerfile").read_text(), re.M
     )

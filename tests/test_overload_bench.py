@@ -1,4 +1,4 @@
-"""``python -m bench --overload``: the report's arithmetic, RSS sampling, and one short real run
+"""``python -m bench overload``: the report's arithmetic, RSS sampling, and one short real run
 against the tiny model (bounded: a few seconds of load on loopback)."""
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def test_process_group_rss_counts_this_process():
 def test_a_short_overload_run_writes_the_report(tiny_model_path, tmp_path):
     code = bench_main(
         [
-            "--overload",
+            "overload",
             "--models",
             str(tiny_model_path),
             "--workers",
@@ -74,17 +74,17 @@ def test_a_short_overload_run_writes_the_report(tiny_model_path, tmp_path):
             "0.2",
             "--raw-duration",
             "0.3",
-            "--overload-factors",
+            "--factors",
             "2",
-            "--overload-duration",
+            "--factor-duration",
             "1",
-            "--overload-pause",
+            "--pause",
             "0.2",
-            "--overload-idle",
+            "--idle",
             "0.2",
-            "--overload-storm",
+            "--storm",
             "16",
-            "--overload-rounds",
+            "--rounds",
             "2",
             "--out",
             str(tmp_path),

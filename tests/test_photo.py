@@ -270,30 +270,31 @@ def test_bench_photos_are_seeded_and_photo_sized(big_jpeg):
 def test_bench_photo_flags(tmp_path):
     from bench.__main__ import parse_args
 
-    args = parse_args(["--photos"])
+    _, args, _ = parse_args(["photos"])
     assert (args.models, args.concurrency, args.duration) == ("224,default", [8], 10.0)
-    assert args.photo_sizes == [(1280, 960), (4000, 3000)] and args.compare_tree is None
-    assert parse_args(["--photos", "--photo-sizes", "64x48"]).photo_sizes == [(64, 48)]
-    assert parse_args([]).models == "default,int8,224"  # the sweep keeps its defaults
+    assert args.sizes == [(1280, 960), (4000, 3000)] and args.compare_tree is None
+    assert args.name == "photos"
+    assert parse_args(["photos", "--sizes", "64x48"])[1].sizes == [(64, 48)]
+    assert parse_args([])[1].models == "default,int8,224"  # the sweep keeps its defaults
     with pytest.raises(SystemExit):
-        parse_args(["--photos", "--photo-sizes", "64"])
+        parse_args(["photos", "--sizes", "64"])
     with pytest.raises(SystemExit):
-        parse_args(["--photos", "--compare-tree", str(tmp_path)])  # no service/ there
+        parse_args(["photos", "--compare-tree", str(tmp_path)])  # no service/ there
 
 
 def test_bench_photos_against_a_second_tree(tiny_model_path):
     """Both servers answer every photo; the report pairs the trees and gives the ratio."""
     from bench.__main__ import parse_args
     from bench.models import BenchModel
-    from bench.photos import bench_photos, markdown
+    from bench.photos import markdown, run_model
     from sepconv.spec import read_spec
 
     model = BenchModel("default", "tiny", tiny_model_path, read_spec(str(tiny_model_path)), False)
-    args = parse_args(
-        ["--photos", "--photo-sizes", "96x64", "--concurrency", "2", "--duration", "30"]
+    _, args, _ = parse_args(
+        ["photos", "--sizes", "96x64", "--concurrency", "2", "--duration", "30"]
         + ["--warmup", "0", "--max-requests", "6", "--compare-tree", str(ROOT), "--rounds", "1"]
     )
-    entry = bench_photos(model, args, {"SEPCONV_INTRA_OP_THREADS": "1"})
+    entry = run_model(model, args, {"SEPCONV_INTRA_OP_THREADS": "1"})
     assert [(p["tree"], p["ok"], p["errors"]) for p in entry["points"]] == [
         (str(ROOT), 6, 0),
         ("this tree", 6, 0),
@@ -301,7 +302,7 @@ def test_bench_photos_against_a_second_tree(tiny_model_path):
     (row,) = entry["summary"]
     assert (row["size"], row["concurrency"]) == ("96x64", 2) and row["ratio"] > 0
     env = {
-        "command": "python -m bench --photos",
+        "command": "python -m bench photos",
         "date": "today",
         "cpu": "cpu",
         "cores": 2,

@@ -20,6 +20,7 @@ from bench.rolling import haproxy_path, run
 
 
 @pytest.mark.slow
+@pytest.mark.load_balancer
 def test_rolling_update_through_haproxy_loses_no_request(tmp_path, tiny_model_path, make_png):
     if haproxy_path() is None:
         pytest.fail("haproxy not found: apt-get install haproxy (scripts/setup.sh installs it)")

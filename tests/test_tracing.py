@@ -7,6 +7,9 @@ import asyncio
 import io
 import logging
 import logging.config
+import os
+import subprocess
+import sys
 import time
 
 import orjson
@@ -15,6 +18,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from bench.server import free_port
 from service import logs, tracing
 
 PARENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -139,6 +143,56 @@ def test_unsupported_exporter_settings_fail_loudly(monkeypatch, env):
         monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match="use"):
         tracing.exporter_from_env()
+
+
+@pytest.mark.parametrize(
+    ("env", "module", "what"),
+    [
+        ({}, "opentelemetry.exporter.otlp.proto.http.trace_exporter", "OTLP http/protobuf"),
+        (
+            {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+            "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
+            "OTLP grpc",
+        ),
+        ({"OTEL_TRACES_EXPORTER": "none"}, "opentelemetry.sdk.resources", "OpenTelemetry SDK"),
+    ],
+)
+def test_without_the_tracing_extra_the_error_names_it(monkeypatch, env, module, what):
+    for name in ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setitem(sys.modules, module, None)  # what an uninstalled module does on import
+    with pytest.raises(tracing.TracingUnavailable) as err:
+        tracing.Tracing.from_env()
+    assert what in str(err.value) and "pip install 'sepconv-serve[tracing]'" in str(err.value)
+
+
+def test_server_without_the_tracing_extra_refuses_to_start(tiny_model_path):
+    """``python -m service`` with tracing on and no SDK: one line naming the extra, status 1."""
+    code = (
+        "import sys\n"
+        "for name in ('opentelemetry.sdk', 'opentelemetry.sdk.trace'):\n"
+        "    sys.modules[name] = None\n"
+        "from service.__main__ import main\n"
+        "sys.exit(main())\n"
+    )
+    env = {
+        **os.environ,
+        "SEPCONV_TRACING": "true",
+        "SEPCONV_MODEL_PATH": str(tiny_model_path),
+        # Where it would listen if it did start: free ports, and no gRPC.
+        "SEPCONV_PORT": str(free_port()),
+        "SEPCONV_GRPC_PORT": "0",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "sepconv-serve: cannot start: SEPCONV_TRACING=true needs the OpenTelemetry SDK, which is "
+        "not installed (no module 'opentelemetry.sdk.trace'): pip install 'sepconv-serve[tracing]'"
+    ]
 
 
 def test_service_name_defaults_and_otel_service_name_wins(monkeypatch):

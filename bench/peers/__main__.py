@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from bench import loadgen, raw_ort
-from bench.__main__ import _cpu_name, _ints, resolve_models
+from bench import harness, loadgen, raw_ort
+from bench.harness import cpu_name, ints, resolve_models
 from bench.models import BenchModel, sample_images
 from bench.peers import contenders, results, venvs
 from bench.peers.common import MAX_PIXELS, load_model, softmax
@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=list(ALL),
         help=f"comma-separated subset of {','.join(ALL)} (all)",
     )
-    p.add_argument("--concurrency", type=_ints, default=[1, 32], help="closed-loop levels (1,32)")
+    p.add_argument("--concurrency", type=ints, default=[1, 32], help="closed-loop levels (1,32)")
     p.add_argument("--duration", type=float, default=5.0, help="measured seconds per point (5)")
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds per point (1)")
     p.add_argument("--rounds", type=int, default=1, help="repeat every server; median shown (1)")
@@ -123,17 +123,7 @@ def measure_server(
             )
             points = []
             for c in args.concurrency:
-                result = loadgen.run(
-                    loadgen.closed_loop(
-                        target,
-                        concurrency=c,
-                        duration_s=args.duration,
-                        warmup_s=args.warmup,
-                        max_requests=args.max_requests,
-                        timeout_s=args.timeout,
-                    )
-                )
-                points.append(result.summary())
+                points.append(harness.closed_point(target, c, args).summary())
                 p = points[-1]
                 log.info(
                     "  %-8s %-8s c=%-3d %8.1f req/s  p50 %7.2f  p99 %7.2f ms  errors %d",
@@ -268,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python -m bench.peers "
             + shlex.join(sys.argv[1:] if argv is None else argv),
             "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "cpu": _cpu_name(),
+            "cpu": cpu_name(),
             "cores": len(os.sched_getaffinity(0)),
             "load_before": " ".join(f"{v:.2f}" for v in os.getloadavg()),
             "note": args.note,
