@@ -46,9 +46,9 @@ Resample = Literal["nearest", "bilinear", "bicubic", "lanczos"]
 #: own luma plane (the encoder's 0.299 R + 0.587 G + 0.114 B before chroma subsampling), and
 #: skips the colour planes' IDCT, upsampling and conversion. ``rgb``: decode colour, then Pillow's
 #: ITU-R 601-2 luma of the decoded RGB, as models built before this option were trained (a
-#: model file without the key reads as ``rgb``, see :mod:`sepconv.spec`). Both agree within a
-#: grey level or two on photos, by up to ~30 on saturated colours at full scale. Other formats
-#: always go through RGB.
+#: model file without the key reads as ``rgb``, see :mod:`sepconv.spec`). On photos the two
+#: differ on a few pixels in ten thousand, by 1-3 grey levels; on saturated colours by up to ~30.
+#: Other formats always go through RGB.
 JpegGray = Literal["y-plane", "rgb"]
 #: Which library decodes a JPEG: simplejpeg (libjpeg-turbo's TurboJPEG API) or Pillow. The
 #: pixels are the same (see the module docstring); simplejpeg is faster.
