@@ -11,10 +11,15 @@ checked before the pixels are paid for) -> ``prepare`` (colour mode + resize -> 
 -> ``normalize`` (uint8 -> float32 CxHxW, batched or not).
 
 Photos are reduced on the way in, never below :data:`REDUCE_FLOOR` times the input size: a
-JPEG is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling (``Image.draft``), and the
-final resample of any format first box-reduces by an integer factor (``reducing_gap``). An
-image whose shorter side is under 4x the input size goes through neither and is decoded
-exactly as a full decode would be.
+JPEG is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling, and the final resample of
+any format first box-reduces by an integer factor (``reducing_gap``). An image whose shorter
+side is under 4x the input size goes through neither and is decoded exactly as a full decode
+would be.
+
+JPEGs are decoded by simplejpeg (:mod:`sepconv.jpeg`) when it is installed, by Pillow otherwise
+and for whatever simplejpeg cannot do (CMYK, files libjpeg warns about, other formats). Both
+run libjpeg-turbo with the same scale and output colour space, so the pixels are the same
+whichever decodes: the choice is speed only, not part of :class:`Preprocessing`.
 """
 
 from __future__ import annotations
@@ -30,11 +35,26 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sepconv import jpeg
+
 ColorMode = Literal["L", "RGB"]
 #: ``center-crop``: scale the shorter side to ``input_size`` then crop the centre square.
 #: ``stretch``: scale both sides to ``input_size`` (aspect ratio not kept).
 ResizePolicy = Literal["center-crop", "stretch"]
 Resample = Literal["nearest", "bilinear", "bicubic", "lanczos"]
+#: How a colour JPEG becomes grey for an L model. ``y-plane``: the decoder outputs the JPEG's
+#: own luma plane (the encoder's 0.299 R + 0.587 G + 0.114 B before chroma subsampling), and
+#: skips the colour planes' IDCT, upsampling and conversion. ``rgb``: decode colour, then Pillow's
+#: ITU-R 601-2 luma of the decoded RGB, as models built before this option were trained (a
+#: model file without the key reads as ``rgb``, see :mod:`sepconv.spec`). On photos the two
+#: differ on a few pixels in ten thousand, by 1-3 grey levels; on saturated colours by up to ~30.
+#: Other formats always go through RGB.
+JpegGray = Literal["y-plane", "rgb"]
+#: Which library decodes a JPEG: simplejpeg (libjpeg-turbo's TurboJPEG API) or Pillow. The
+#: pixels are the same (see the module docstring); simplejpeg is faster.
+Decoder = Literal["simplejpeg", "pillow"]
+#: The decoder :func:`load` uses unless told otherwise: simplejpeg when installed.
+JPEG_DECODER: Decoder = "simplejpeg" if jpeg.available() else "pillow"
 
 #: Large images are reduced cheaply (JPEG DCT scaling, integer box reduction) to no less than
 #: this many times the input size; the resampling filter does the rest. At 2 the result stays
@@ -63,6 +83,7 @@ class Preprocessing(BaseModel):
     std: list[float]
     resize: ResizePolicy = "center-crop"
     resample: Resample = "bilinear"
+    jpeg_gray: JpegGray = "y-plane"
 
     @model_validator(mode="after")
     def _check_channels(self) -> Preprocessing:
@@ -121,38 +142,58 @@ def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
         return img
 
 
-def load(img: Image.Image, spec: Preprocessing) -> Image.Image:
+def load(img: Image.Image, spec: Preprocessing, *, decoder: Decoder | None = None) -> Image.Image:
     """Decompress an opened image, at reduced scale when it is far larger than the input
-    (JPEG only, see :func:`draft`), and turn it upright."""
+    (JPEG only, see :func:`draft`), and turn it upright.
+
+    ``decoder`` (default :data:`JPEG_DECODER`) picks the JPEG decoder; the result is the same
+    either way. An image simplejpeg cannot decode goes to Pillow.
+    """
+    if (decoder or JPEG_DECODER) == "simplejpeg":
+        with _decode_errors():
+            fast = jpeg.decode(img, gray=_jpeg_luma(spec), floor=REDUCE_FLOOR * spec.input_size)
+        if fast is not None:
+            return fast
     with _decode_errors():
         if getattr(img, "n_frames", 1) > 1:
             img.seek(0)  # animated formats: classify the first frame
         draft(img, spec)
         img.load()
-    # Phone cameras store rotation in EXIF instead of rotating the pixels. In place: the default
-    # copies every image, rotated or not.
-    ImageOps.exif_transpose(img, in_place=True)
+        # Phone cameras store rotation in EXIF instead of rotating the pixels. In place: the
+        # default copies every image, rotated or not.
+        ImageOps.exif_transpose(img, in_place=True)
     return img
+
+
+def _jpeg_luma(spec: Preprocessing) -> bool:
+    """Whether a colour JPEG is decoded straight to its luma plane (see :data:`JpegGray`)."""
+    return spec.color_mode == "L" and spec.jpeg_gray == "y-plane"
 
 
 def draft(img: Image.Image, spec: Preprocessing) -> None:
     """Ask the JPEG decoder for the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides at
-    least ``REDUCE_FLOOR x input_size``; a no-op for other formats and smaller images.
+    least ``REDUCE_FLOOR x input_size``, and for the luma plane alone when :func:`_jpeg_luma`;
+    a no-op for other formats, and for the scale on smaller images.
 
     Both sides, because that is what centre-crop needs of the shorter side and stretch of
     each. The request is a square, so it holds whichever way EXIF later turns the image.
     """
     floor = REDUCE_FLOOR * spec.input_size
-    # Below twice the floor no scale reduces anything: leave the decoder untouched, so those
+    mode = "L" if _jpeg_luma(spec) else None
+    # Below twice the floor no scale reduces anything: leave the scale alone, so those
     # images decode bit for bit as they always did.
-    if min(img.size) >= 2 * floor:
-        img.draft(None, (floor, floor))
+    if jpeg.dct_scale(*img.size, floor) > 1:
+        img.draft(mode, (floor, floor))
+    elif mode:
+        img.draft(mode, None)
 
 
-def decode(data: bytes, spec: Preprocessing, *, max_pixels: int) -> Image.Image:
+def decode(
+    data: bytes, spec: Preprocessing, *, max_pixels: int, decoder: Decoder | None = None
+) -> Image.Image:
     """Bytes to a loaded, upright image (:func:`open_image` then :func:`load`), reduced in
     decoding towards ``spec``'s input size where the format allows."""
-    return load(open_image(data, max_pixels=max_pixels), spec)
+    return load(open_image(data, max_pixels=max_pixels), spec, decoder=decoder)
 
 
 @contextlib.contextmanager

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 #: Prefix of every key this project writes, so our keys never collide with an exporter's own.
 KEY_PREFIX = "sepconv."
 SCHEMA_VERSION = "1"
+#: Fields added since schema 1 whose default differs from what older builds did: the value a
+#: model file without the key was built with, so it is served exactly as it was trained.
+LEGACY_VALUES: dict[str, str] = {"jpeg_gray": "rgb"}
 
 Precision = Literal["fp32", "int8"]
 #: ``separable``: MobileNetV1's depthwise + pointwise pairs; ``standard``: one full 3x3 conv in
@@ -116,7 +119,7 @@ class ModelSpec(Preprocessing):
         schema = ours.pop("schema", None)
         if schema != SCHEMA_VERSION:
             raise SpecError(f"unsupported metadata schema {schema!r}; expected {SCHEMA_VERSION!r}")
-        values: dict[str, object] = {}
+        values: dict[str, object] = dict(LEGACY_VALUES)
         for key, raw in ours.items():
             if key not in cls.model_fields:
                 continue  # written by a newer build; ignoring keeps old servers working

@@ -34,6 +34,18 @@ def test_metadata_round_trip_through_onnx_file(tiny_model_path):
     assert names[-2:] == ["block13.pointwise", "classifier"] and len(names) == 28
 
 
+def test_a_model_file_from_before_jpeg_gray_greys_jpegs_as_it_was_trained():
+    spec = _spec()
+    assert spec.jpeg_gray == "y-plane"  # what a build writes now
+    md = spec.to_metadata()
+    assert md["sepconv.jpeg_gray"] == "y-plane"
+    assert ModelSpec.from_metadata(md) == spec
+    older = {k: v for k, v in md.items() if k != "sepconv.jpeg_gray"}
+    assert ModelSpec.from_metadata(older).jpeg_gray == "rgb"
+    with pytest.raises(SpecError, match="sepconv.jpeg_gray"):
+        ModelSpec.from_metadata(md | {"sepconv.jpeg_gray": "cmyk"})
+
+
 def test_spec_errors_name_the_key():
     md = _spec().to_metadata()
     with pytest.raises(SpecError, match="no sepconv metadata"):
