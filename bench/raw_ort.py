@@ -1,6 +1,6 @@
 """Raw ONNX Runtime throughput: the ceiling the server is measured against.
 
-The session is built by the service's own :func:`service.api.app.load_runtime` from the same
+The session is built by the service's own :func:`service.engine.loader.open_runtime` from the same
 :class:`~service.settings.Settings` the server gets, so threads, spinning and graph optimisation
 match exactly. The server runs ``workers x lanes`` ORT runs side by side (worker processes, and
 batch lanes inside each), so the yardstick does too (``session.run`` releases the GIL).
@@ -42,10 +42,12 @@ def measure(
     settings: Settings, batch: int, *, duration_s: float = 3.0, warmup: int = 3, rounds: int = 3
 ) -> RawResult:
     """Images per second through ``session.run`` at ``batch``, over ``duration_s``."""
-    from service.api.app import load_runtime
+    from service.engine.loader import open_runtime
+    from service.engine.runtime import find_model_file
 
     sessions = settings.resolved_workers * settings.lanes
-    runtimes = [load_runtime(settings) for _ in range(sessions)]
+    path = find_model_file(settings.model_path)
+    runtimes = [open_runtime(settings, path) for _ in range(sessions)]
     spec = runtimes[0].spec
     x = normalized_batch(spec, batch)
     feed = {spec.input_name: x}

@@ -170,12 +170,13 @@ class ServerProcess(ManagedServer):
     """``with ServerProcess(model, env) as server:`` -> serving on ``server.port`` until exit.
 
     ``env`` holds ``SEPCONV_*`` settings on top of the model path, loopback host and a free
-    port.
+    port; with ``SEPCONV_MODEL_REPOSITORY`` among them, ``model_path`` is None and the server
+    serves the repository instead.
     """
 
     def __init__(
         self,
-        model_path: Path,
+        model_path: Path | None,
         settings_env: dict[str, str],
         log_path: Path,
         *,
@@ -184,13 +185,14 @@ class ServerProcess(ManagedServer):
         ready_timeout_s: float = 120.0,
         cwd: Path | None = None,
     ):
-        self.model_path = Path(model_path)
+        self.model_path = Path(model_path) if model_path is not None else None
         # A fixed port restarts a server where a load balancer expects it (bench/rolling.py).
         port = port or free_port(host)
+        model = {} if self.model_path is None else {"SEPCONV_MODEL_PATH": str(self.model_path)}
         env = {
             **os.environ,
             **settings_env,
-            "SEPCONV_MODEL_PATH": str(self.model_path),
+            **model,
             "SEPCONV_HOST": host,
             "SEPCONV_PORT": str(port),
             "SEPCONV_LOG_LEVEL": settings_env.get("SEPCONV_LOG_LEVEL", "warning"),

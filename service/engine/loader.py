@@ -24,7 +24,7 @@ from service.engine.batcher import Batcher
 from service.engine.classifier import Classifier
 from service.engine.lanes import Lanes, lower_thread_priority
 from service.engine.layout import Fingerprint, VersionFile
-from service.engine.observer import EngineObserver
+from service.engine.observer import NULL_OBSERVER, EngineObserver
 from service.engine.runtime import ModelLoadError, ModelRuntime
 from service.settings import Settings
 
@@ -45,6 +45,29 @@ class Served:
     leases: int = 0
     retiring: bool = False
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def open_runtime(
+    settings: Settings,
+    path,
+    *,
+    name: str | None = None,
+    version: str | None = None,
+    observer: EngineObserver = NULL_OBSERVER,
+) -> ModelRuntime:
+    """A session for ``path`` with the ONNX Runtime options the settings give (what the server
+    runs; the benchmark's raw ORT baseline uses the same)."""
+    return ModelRuntime(
+        path,
+        provider=settings.provider,
+        intra_op_threads=settings.resolved_intra_op_threads,
+        inter_op_threads=settings.inter_op_threads,
+        spinning=settings.ort_spinning,
+        name=name,
+        version=version,
+        memory_arena=settings.ort_memory_arena,
+        observer=observer,
+    )
 
 
 def release_freed_memory() -> None:
@@ -100,17 +123,7 @@ class Loader:
         """On the loader thread: the checked, warm session, and the seconds a full batch and a
         single image take on it now."""
         s = self.settings
-        runtime = ModelRuntime(
-            vf.path,
-            provider=s.provider,
-            intra_op_threads=s.resolved_intra_op_threads,
-            inter_op_threads=s.inter_op_threads,
-            spinning=s.ort_spinning,
-            name=name,
-            version=vf.version,
-            memory_arena=s.ort_memory_arena,
-            observer=observer,
-        )
+        runtime = open_runtime(s, vf.path, name=name, version=vf.version, observer=observer)
         try:
             runtime.warm_up((1, s.max_batch_size), runs=s.warmup_runs)
             # Admission control predicts waits from the measured time per image; until

@@ -491,6 +491,9 @@ class ModelRepository:
             if current is not None:
                 await self._retire(current)
         wanted = {vf.version for vf in folder.versions}
+        for key in [k for k, e in self._status.items() if k[0] == name and k[1] not in wanted]:
+            if self._status[key].state == State.UNAVAILABLE:
+                del self._status[key]  # a failure of a version the policy no longer selects
         # A version the policy no longer selects is unloaded, unless it stands in for a
         # selected one that failed to load: a bad file never takes down a working version.
         unwanted = sorted((v for v in served if v not in wanted), key=version_key, reverse=True)
