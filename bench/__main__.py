@@ -4,7 +4,9 @@ Workloads (``python -m bench WORKLOAD --help`` for each one's flags):
 
 - ``sweep`` (the default): raw ORT, then closed-loop concurrency levels and open-loop rates;
 - ``overload``: capacity, then open-loop load at multiples of it and a retry storm;
-- ``photos``: generated camera-sized JPEGs, optionally A/B against another checkout.
+- ``photos``: generated camera-sized JPEGs, optionally A/B against another checkout;
+- ``reload``: new model versions loaded under load (API and polling), then RSS over
+  load/unload cycles.
 
 Every point is bounded in time and request count; reports go to ``docs/`` (``--out``).
 """
@@ -20,9 +22,9 @@ from bench import harness
 from bench.harness import Workload
 
 #: The subcommands, each ``bench/<name>.py`` with a ``WORKLOAD`` (:class:`harness.Workload`);
-#: the first is what ``python -m bench`` runs without one. A new workload (next: ``reload``,
-#: bench/reload.py) is its module plus one more name here.
-WORKLOADS = ("sweep", "overload", "photos")
+#: the first is what ``python -m bench`` runs without one. A new workload is its module plus one
+#: more name here.
+WORKLOADS = ("sweep", "overload", "photos", "reload")
 
 #: The flags of the single command this replaced, and what they became.
 LEGACY_WORKLOAD_FLAGS = {"--overload": "overload", "--photos": "photos"}

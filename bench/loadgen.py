@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import math
 import random
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -258,8 +259,10 @@ async def closed_loop(
     max_requests: int | None = None,
     warmup_s: float = 0.0,
     timeout_s: float = 30.0,
+    stop: threading.Event | None = None,
 ) -> RunResult:
-    """``concurrency`` connections, each sending back to back for ``duration_s``.
+    """``concurrency`` connections, each sending back to back for ``duration_s`` (or until
+    ``stop`` is set, from another thread).
 
     Requests that *start* during ``warmup_s`` are sent but not counted.
     """
@@ -277,7 +280,7 @@ async def closed_loop(
         i = index
         while True:
             now = time.perf_counter()
-            if now >= deadline or budget[0] <= 0:
+            if now >= deadline or budget[0] <= 0 or (stop is not None and stop.is_set()):
                 break
             counted = now >= measure_from
             if counted:

@@ -278,6 +278,28 @@ def test_a_short_sweep_writes_the_report(tiny_model_path, tmp_path):
     assert (tmp_path / f"bench_{model['key']}.png").stat().st_size > 1000
 
 
+def test_a_short_reload_run_swaps_without_a_failed_request(tiny_model_path, tmp_path):
+    """``python -m bench reload`` end to end on the tiny model: one swap through the API, one
+    through polling, two unload/load cycles; no request answered other than 200."""
+    import json
+
+    from bench.__main__ import main
+
+    args = ["reload", "--models", str(tiny_model_path), "--workers", "1", "--concurrency", "2"]
+    args += ["--duration", "0.5", "--warmup", "0.1", "--swaps", "1", "--interval", "0.2"]
+    args += ["--poll", "0.1", "--cycles", "2", "--out", str(tmp_path)]
+    assert main(args) == 0
+    (model,) = json.loads((tmp_path / "reload_results.json").read_text())["models"]
+    assert [p["phase"] for p in model["phases"]] == ["api", "polling"]
+    for phase in model["phases"]:
+        assert phase["non_200"] == 0 and phase["swaps_window"]["ok"] > 0
+        assert [e["version"] for e in phase["index_after"] if e["name"] == "bench"] == ["2"]
+    assert model["memory"]["failures"] == 0 and len(model["memory"]["rss_mb"]) == 2
+    assert all(t["met"] for t in model["targets"] if "RSS" not in t["target"]), model["targets"]
+    assert "| api | swaps |" in (tmp_path / "reload_results.md").read_text()
+    assert (tmp_path / f"reload_{model['key']}_rss.png").stat().st_size > 1000
+
+
 def test_a_workload_is_registered_by_its_name(tiny_model_path, tmp_path, monkeypatch):
     """What `reload` (or any new workload) needs: a bench/<name>.py with a WORKLOAD, and its
     name in WORKLOADS; the harness does flags, presets, models and the report files."""
