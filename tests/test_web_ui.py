@@ -299,6 +299,14 @@ def test_page_in_chromium(server, browser, make_png):
         page.unroute("**/v1/models*")
         options = page.locator("#model-select option").all_inner_texts()
         assert options == ["Default model", "a · v1", "b · v2"]
+
+        # The faked models do not exist on the server: their calls are answered by the one it
+        # serves (the URL without its query), once the page has named the picked model.
+        def as_served(route):
+            route.fulfill(response=route.fetch(url=route.request.url.split("?", 1)[0]))
+
+        for pattern in ("**/v1/models?*", "**/v1/cost?*", "**/v1/classify?*"):
+            page.route(pattern, as_served)
         with page.expect_request("**/v1/cost?*") as picked:
             page.select_option("#model-select", label="b · v2")
         assert "model=b&version=2" in picked.value.url
@@ -307,7 +315,9 @@ def test_page_in_chromium(server, browser, make_png):
                 "#file-input", files=[{"name": "s.png", "mimeType": "image/png", "buffer": png}]
             )
         assert "model=b&version=2" in sent.value.url
-        page.unroute("**/v2/repository/index")
+        for pattern in ("**/v2/repository/index", "**/v1/models?*", "**/v1/cost?*"):
+            page.unroute(pattern)
+        page.unroute("**/v1/classify?*")
 
         # Not ready: a visible message, then the page recovers by itself.
         def not_ready(route):
