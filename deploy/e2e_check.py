@@ -91,12 +91,23 @@ def has_number(result: list[dict]) -> bool:
 
 
 def dashboard_exprs(path: str) -> list[tuple[str, str]]:
+    """(panel [refId], PromQL) of every panel query, its template variables set to "All" as
+    Grafana sends them (``$model`` -> the variable's allValue)."""
     with open(path) as f:
         dash = json.load(f)
+    values = {v["name"]: v["allValue"] for v in dash.get("templating", {}).get("list", [])}
+
+    def expand(expr: str) -> str:
+        return re.sub(
+            r"\$\{(\w+)\}|\$(\w+)",
+            lambda m: values.get(m.group(1) or m.group(2), m.group(0)),
+            expr,
+        )
+
     out = []
     for panel in dash["panels"]:
         for target in panel.get("targets", []):
-            out.append((f"{panel['title']} [{target['refId']}]", target["expr"]))
+            out.append((f"{panel['title']} [{target['refId']}]", expand(target["expr"])))
     return out
 
 
@@ -234,7 +245,7 @@ def main() -> int:
         ),
     }
     provider = prom_query(prom, "sepconv_model_info")[0]["metric"]
-    keys = ("name", "version", "provider", "precision")
+    keys = ("model", "version", "provider", "precision")
     summary["model_info"] = {k: provider.get(k) for k in keys}
     summary["dashboard_queries_with_data"] = len(panels)
     with open(args.dashboard) as f:

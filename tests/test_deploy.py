@@ -7,6 +7,7 @@ for promtool, docker.io and debootstrap for the end-to-end run); scripts/setup.s
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -179,10 +180,80 @@ def test_promtool_rule_unit_tests():
 
 # --------------------------------------------------------------------------- Grafana
 
+#: A series selector: a metric or recording-rule name and its optional {matchers}.
+SELECTOR = re.compile(
+    r"(?<![:\w])((?:[a-z_]+:[a-z0-9_]+:[a-z0-9_]+)|sepconv_[a-z0-9_]+)(\{[^}]*\})?"
+)
+MODEL_FILTER = 'model=~"$model"'
+
+
+def e2e_check():
+    """deploy/e2e_check.py: the end-to-end run reads the dashboard with the same helper."""
+    spec = importlib.util.spec_from_file_location("e2e_check", DEPLOY / "e2e_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 def dashboard_targets() -> list[tuple[str, str]]:
+    """(panel title, PromQL) as written, template variables and all."""
     dash = json.loads(DASHBOARD.read_text())
     return [(p["title"], t["expr"]) for p in dash["panels"] for t in p["targets"]]
+
+
+def dashboard_queries() -> list[str]:
+    """The PromQL Grafana sends with every variable at "All": what Prometheus must run."""
+    return [expr for _, expr in e2e_check().dashboard_exprs(str(DASHBOARD))]
+
+
+def rules(name: str) -> list[dict]:
+    return [
+        r for g in yaml.safe_load((PROM / "rules" / name).read_text())["groups"] for r in g["rules"]
+    ]
+
+
+def exported_labels() -> dict[str, set[str]]:
+    """Every sample name service.metrics exports, with its label names."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    import service.metrics
+
+    suffixes = {
+        "counter": ("_total",),
+        "gauge": ("",),
+        "histogram": ("_bucket", "_sum", "_count"),
+        "summary": ("_sum", "_count"),
+    }
+    out = {}
+    for metric in vars(service.metrics).values():
+        if isinstance(metric, MetricWrapperBase):
+            for suffix in suffixes[metric._type]:
+                extra = {"le"} if suffix == "_bucket" else set()
+                out[metric._name + suffix] = set(metric._labelnames) | extra
+    return out
+
+
+def metric_names() -> tuple[set[str], set[str]]:
+    """(every sample name service.metrics exports, those of engine series: with a model label)."""
+    labels = exported_labels()
+    return set(labels), {name for name, names in labels.items() if "model" in names}
+
+
+def engine_records() -> set[str]:
+    """Recording rules computed, directly or through other rules, from engine series."""
+    _, engine = metric_names()
+    recorded = {r["record"]: r["expr"] for r in rules("recording.yml")}
+    found: set[str] = set()
+    while True:
+        more = {
+            record
+            for record, expr in recorded.items()
+            if record not in found
+            and any(m.group(1) in engine | found for m in SELECTOR.finditer(expr))
+        }
+        if not more:
+            return found
+        found |= more
 
 
 def test_dashboard_covers_the_required_views():
@@ -196,10 +267,13 @@ def test_dashboard_covers_the_required_views():
         "queue depth",
         "errors",
         "provider",
+        "model versions",
+        "model loads",
     ):
         assert view in titles, view
     exprs = " ".join(e for _, e in dashboard_targets())
     assert "sepconv_model_info" in exprs
+    assert "sepconv_model_loads_total" in exprs
 
 
 def test_dashboard_uses_the_provisioned_datasource():
@@ -213,60 +287,141 @@ def test_dashboard_uses_the_provisioned_datasource():
     for panel in dash["panels"]:
         assert panel["datasource"]["uid"] in uids, panel["title"]
         assert panel["targets"], panel["title"]
+    for variable in dash["templating"]["list"]:
+        assert variable["datasource"]["uid"] in uids, variable["name"]
     provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/sepconv.yml").read_text())
     assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
 
 
+def test_dashboard_model_variable():
+    """`model` lists the served models (several at once, or All) and "All" matches every one."""
+    (variable,) = json.loads(DASHBOARD.read_text())["templating"]["list"]
+    assert variable["name"] == "model" and variable["type"] == "query"
+    assert variable["query"] == "label_values(sepconv_model_info, model)"
+    assert variable["multi"] and variable["includeAll"] and variable["allValue"] == ".*"
+    assert all("$" not in q for q in dashboard_queries())
+
+
+def test_dashboard_engine_queries_filter_by_model():
+    """Every selector of an engine series (raw, or a recording rule made of them) in a panel
+    has the `model` filter; HTTP and gRPC series, which have no model, have none."""
+    _, engine = metric_names()
+    engine |= engine_records()
+    seen = 0
+    for title, expr in dashboard_targets():
+        for m in SELECTOR.finditer(expr):
+            name, matchers = m.group(1), m.group(2) or ""
+            if name in engine:
+                seen += 1
+                assert MODEL_FILTER in matchers, f"{title}: {name} lacks {MODEL_FILTER}: {expr}"
+            else:
+                assert "model" not in matchers, f"{title}: {name} has no model label: {expr}"
+    assert seen >= 10
+
+
+def test_dashboard_groups_and_labels_by_labels_the_series_have():
+    """A `by (...)` or legend naming a label no series of the query has (say the old `name` of
+    sepconv_model_info) would group everything into one unnamed series."""
+    labels = exported_labels()
+    for rule in rules("recording.yml"):
+        clauses = re.findall(r"\bby\s*\(([^)]*)\)", rule["expr"])
+        labels[rule["record"]] = {x.strip() for c in clauses for x in c.split(",")} - {"le"}
+    dash = json.loads(DASHBOARD.read_text())
+    for panel in dash["panels"]:
+        for target in panel["targets"]:
+            expr = target["expr"]
+            have = {"job", "instance", "le"}
+            for m in SELECTOR.finditer(expr):
+                have |= labels[m.group(1)]
+            used = {
+                x.strip()
+                for clause in re.findall(r"\b(?:by|on)\s*\(([^)]*)\)", expr)
+                for x in clause.split(",")
+            }
+            used |= set(re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", "")))
+            assert used <= have, f"{panel['title']}: {sorted(used - have)} in {expr}"
+
+
+def test_rules_over_engine_series_keep_the_model_label():
+    """Recording rules and alerts over engine series aggregate by model (never across models),
+    and the recorded names say so (level job_model...)."""
+    _, engine = metric_names()
+    engine |= engine_records()
+    # Deliberately across models: "this server serves no model at all".
+    across_models = {"SepconvNoModelServing"}
+    checked = []
+    for rule in rules("recording.yml") + rules("alerts.yml"):
+        name = rule.get("record") or rule["alert"]
+        if name in across_models or not any(
+            m.group(1) in engine for m in SELECTOR.finditer(rule["expr"])
+        ):
+            continue
+        checked.append(name)
+        for clause in re.findall(r"\b(?:by|on)\s*\(([^)]*)\)", rule["expr"]):
+            labels = {label.strip() for label in clause.split(",")}
+            assert "model" in labels, (name, clause)
+        if "record" in rule:
+            assert "model" in name.split(":")[0].split("_"), name
+    assert {"SepconvRetryStorm", "SepconvModelShedding", "SepconvModelLoadFailed"} <= set(checked)
+
+
 def test_dashboard_promql_parses(tmp_path):
     """promtool parses every panel query (as a recording rule), with no Prometheus running."""
-    rules = {
+    rule_file = {
         "groups": [
             {
                 "name": "dashboard",
                 "rules": [
                     {"record": f"dashboard:panel_{i}", "expr": expr}
-                    for i, (_, expr) in enumerate(dashboard_targets())
+                    for i, expr in enumerate(dashboard_queries())
                 ],
             }
         ]
     }
     path = tmp_path / "dashboard_rules.yml"
-    path.write_text(yaml.safe_dump(rules))
+    path.write_text(yaml.safe_dump(rule_file))
     run(promtool(), "check", "rules", str(path))
 
 
 def test_dashboard_and_rules_only_use_series_that_exist():
     """Every raw sepconv_* name is exported by service.metrics; every recorded name is recorded."""
-    from prometheus_client import REGISTRY
-
-    import service.metrics  # noqa: F401  (registers the metrics)
-
-    exported = set()
-    for family in REGISTRY.collect():
-        for sample in family.samples:
-            exported.add(sample.name)
-        if family.type == "histogram":
-            exported |= {f"{family.name}{s}" for s in ("_bucket", "_sum", "_count")}
-        if family.type == "counter":
-            exported.add(f"{family.name}_total")
-        if family.type == "info":
-            exported.add(f"{family.name}_info")
-        if family.type == "gauge":
-            exported.add(family.name)
-    recorded = {
-        r["record"]
-        for g in yaml.safe_load((PROM / "rules/recording.yml").read_text())["groups"]
-        for r in g["rules"]
-    }
+    exported, _ = metric_names()
+    recorded = {r["record"] for r in rules("recording.yml")}
     texts = [e for _, e in dashboard_targets()]
-    for f in ("recording.yml", "alerts.yml"):
-        for g in yaml.safe_load((PROM / "rules" / f).read_text())["groups"]:
-            texts += [r["expr"] for r in g["rules"]]
+    texts += [r["expr"] for r in rules("recording.yml") + rules("alerts.yml")]
     for text in texts:
         for name in re.findall(r"\b[a-z_]+:[a-z0-9_]+:[a-z0-9_]+\b", text):
             assert name in recorded, f"{name} is not a recording rule ({text})"
         for name in re.findall(r"(?<![:\w])sepconv_[a-z0-9_]+", text):
             assert name in exported, f"{name} is not exported by service.metrics ({text})"
+
+
+def test_every_rule_has_unit_tests_with_model_labels():
+    """rules_test.yml evaluates every recording rule, sees every alert fire and stay quiet,
+    and feeds engine series with the labels the server gives them."""
+    _, engine = metric_names()
+    tests = yaml.safe_load((PROM / "tests" / "rules_test.yml").read_text())["tests"]
+    exprs = " ".join(t["expr"] for test in tests for t in test.get("promql_expr_test", []))
+    for rule in rules("recording.yml"):
+        assert re.search(rf"(?<![:\w]){re.escape(rule['record'])}\b", exprs), rule["record"]
+    outcomes: dict[str, set[bool]] = {}
+    for test in tests:
+        for case in test.get("alert_rule_test", []):
+            outcomes.setdefault(case["alertname"], set()).add(bool(case["exp_alerts"]))
+    for rule in rules("alerts.yml"):
+        assert outcomes.get(rule["alert"]) == {True, False}, rule["alert"]
+    engine_inputs = 0
+    for test in tests:
+        for series in test["input_series"]:
+            m = SELECTOR.match(series["series"])
+            if m and m.group(1) in engine:
+                engine_inputs += 1
+                labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+                assert "model" in labels, series["series"]
+                # Only a model's folder (config.json) fails to load without a version.
+                if m.group(1) != "sepconv_model_loads_total":
+                    assert "version" in labels, series["series"]
+    assert engine_inputs >= 10
 
 
 # --------------------------------------------------------------------------- end to end
