@@ -225,6 +225,14 @@ def test_corrupt_file_and_contract_change_never_replace_a_working_version(
         assert "cannot load model tiny version 2" in caplog.text
         assert c.post("/v1/classify", content=image, headers=PNG).json() == before
         assert c.get("/readyz").status_code == 200
+        # A model that never loaded has load metrics, but no engine series.
+        place(tmp_path, "broken", "1", versions["corrupt"])
+        assert c.post("/v2/repository/models/broken/load").status_code == 400
+        broken = {"model": "broken", "version": "1"}
+        assert REGISTRY.get_sample_value("sepconv_images_classified_total", broken) is None
+        assert REGISTRY.get_sample_value(
+            "sepconv_model_loads_total", {**broken, "outcome": "failed"}
+        )
 
         # A different input contract (32 px): refused too, version 1 still serves.
         place(tmp_path, NAME, "3", versions["wide"])

@@ -100,9 +100,8 @@ class Loader:
     async def load(self, name: str, vf: VersionFile, *, replaces: Served | None) -> Served:
         """``vf`` loaded, checked, warm and batching; :class:`ModelLoadError` says why not.
         ``replaces``: the newest version serving now, whose contract the new one must keep."""
-        observer = self.observer_for(name, vf.version)
         runtime, full_batch_s, single_s = await asyncio.get_running_loop().run_in_executor(
-            self._thread, self._session, name, vf, observer
+            self._thread, self._session, name, vf
         )
         if replaces is not None:
             changes = replaces.classifier.spec.contract_changes(runtime.spec)
@@ -113,17 +112,18 @@ class Loader:
                     + "; ".join(changes)
                     + "); serve it under another model name, or unload the model first"
                 )
+        # Only a version that loads gets its series: a failed load shows in the load metrics
+        # and the index, not as a model with empty engine series.
+        observer = runtime.observer = self.observer_for(name, vf.version)
         classifier = self._classifier(runtime, observer, full_batch_s, single_s)
         classifier.batcher.start()
         return Served(name, vf.version, classifier, vf.fingerprint)
 
-    def _session(
-        self, name: str, vf: VersionFile, observer: EngineObserver
-    ) -> tuple[ModelRuntime, float, float]:
+    def _session(self, name: str, vf: VersionFile) -> tuple[ModelRuntime, float, float]:
         """On the loader thread: the checked, warm session, and the seconds a full batch and a
         single image take on it now."""
         s = self.settings
-        runtime = open_runtime(s, vf.path, name=name, version=vf.version, observer=observer)
+        runtime = open_runtime(s, vf.path, name=name, version=vf.version)
         try:
             runtime.warm_up((1, s.max_batch_size), runs=s.warmup_runs)
             # Admission control predicts waits from the measured time per image; until
