@@ -233,6 +233,8 @@ def test_corrupt_file_and_contract_change_never_replace_a_working_version(
         assert REGISTRY.get_sample_value(
             "sepconv_model_loads_total", {**broken, "outcome": "failed"}
         )
+        shutil.rmtree(tmp_path / "broken")
+        assert c.post("/v2/repository/models/broken/unload").status_code == 200
 
         # A different input contract (32 px): refused too, version 1 still serves.
         place(tmp_path, NAME, "3", versions["wide"])
