@@ -21,7 +21,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-# A fixed uid, so a named volume written by the model builder is readable by the API.
+# A fixed uid, so a volume the model builder writes (an emptyDir, a claim) is readable by the API.
 RUN groupadd --system --gid 10001 sepconv \
  && useradd --system --uid 10001 --gid sepconv --home-dir /app --shell /usr/sbin/nologin sepconv \
  && mkdir -p /app /models \
