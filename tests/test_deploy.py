@@ -457,11 +457,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_rollout_check_passes_against_the_server_as_compose_runs_it(tmp_path, tiny_model_path):
-    """The end-to-end rollout (version 2 in place and loaded, then removed and found by
-    polling, two clients all along) against `python -m service` with the e2e API container's
-    environment: two workers, the repository, polling; only the port and the folder differ, and
-    polling runs every second rather than 10 so the test is quick."""
+def test_e2e_checks_pass_against_the_server_as_compose_runs_it(tmp_path, tiny_model_path):
+    """The end-to-end run's load shedding and rollout (version 2 in place and loaded, then
+    removed and found by polling, two clients all along) against `python -m service` with the
+    e2e API container's environment: two workers, a queue of 4, the repository, polling; only
+    the port and the folder differ, and polling runs every second rather than 10."""
     repo = tmp_path / "models"
     (repo / "fashion-mnist" / "1").mkdir(parents=True)
     shutil.copy(tiny_model_path, repo / "fashion-mnist" / "1" / "model.onnx")
@@ -494,6 +494,7 @@ def test_rollout_check_passes_against_the_server_as_compose_runs_it(tmp_path, ti
                 pass
             assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()
             time.sleep(0.2)
+        assert check.shed_load(url) == 429
         result = check.check_rollout(url, repo, "fashion-mnist", deadline_s=30)
     finally:
         server.terminate()
@@ -564,7 +565,7 @@ def test_end_to_end_compose_stack(tmp_path):
     assert checks["latency_histogram"]["requests_200"] > 0
     assert checks["dashboard_queries_with_data"] == len(dashboard_targets())
     assert checks["model_info"]["provider"] == "CPUExecutionProvider"
-    assert checks["overload_status"] == 429
+    assert checks["overload_status"] == 429 and checks["too_many_images_status"] == 413
     # The prometheus-adapter rule and the KEDA query of deploy/k8s, run in Prometheus.
     assert len(checks["autoscaling_queries"]) >= 2
     assert result["api_uid"] != 0
