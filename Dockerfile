@@ -21,7 +21,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-# A fixed uid, so a named volume written by the model builder is readable by the API.
+# A fixed uid, so a volume the model builder writes (an emptyDir, a claim) is readable by the API.
 RUN groupadd --system --gid 10001 sepconv \
  && useradd --system --uid 10001 --gid sepconv --home-dir /app --shell /usr/sbin/nologin sepconv \
  && mkdir -p /app /models \
@@ -51,11 +51,13 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends tini \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=venv-cpu /opt/venv /opt/venv
+# No model location: a deployment names one, SEPCONV_MODEL_REPOSITORY (a repository of versioned
+# models: compose, the Kubernetes claim) or SEPCONV_MODEL_PATH (one file: KServe's /mnt/models),
+# and setting both is refused, so an image default would be in every repository's way.
 ENV PATH=/opt/venv/bin:$PATH \
     SEPCONV_HOST=0.0.0.0 \
     SEPCONV_PORT=8000 \
-    SEPCONV_GRPC_PORT=8001 \
-    SEPCONV_MODEL_PATH=/models/model.onnx
+    SEPCONV_GRPC_PORT=8001
 WORKDIR /app
 USER 10001:10001
 # HTTP, and gRPC (Open Inference Protocol; Triton's port).
@@ -101,7 +103,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     SEPCONV_HOST=0.0.0.0 \
     SEPCONV_PORT=8000 \
     SEPCONV_GRPC_PORT=8001 \
-    SEPCONV_MODEL_PATH=/models/model.onnx \
     SEPCONV_PROVIDER=cuda
 WORKDIR /app
 USER 10001:10001
@@ -139,6 +140,7 @@ COPY model ./model
 RUN --mount=type=secret,id=ca_bundle \
     if [ -s /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi \
  && /opt/venv/bin/pip install ".[cpu,build]"
+# build-model writes a repository (SEPCONV_MODEL_REPOSITORY) or one file (SEPCONV_MODEL_DIR).
 COPY deploy/build-model.sh /usr/local/bin/build-model
 ENV PATH=/opt/venv/bin:$PATH \
     SEPCONV_RECIPE=quick \

@@ -5,9 +5,12 @@
 #      (deploy/scripts/base-image.sh), Debian's prometheus on it for prom/prometheus;
 #   3. build the API and model-builder images from ./Dockerfile, as docker-compose.yml names them;
 #   4. `docker-compose up` model-builder (smoke recipe) -> api -> prometheus, host networking only
-#      (deploy/compose.e2e.yml);
+#      (deploy/compose.e2e.yml), the model repository a fresh folder owned by a non-root uid
+#      (a host user's checkout): the builder must write version 1 there as that uid;
 #   5. deploy/e2e_check.py: classify through the container, shed load, query the containerised
-#      Prometheus for the latency histogram, and evaluate every dashboard panel's PromQL;
+#      Prometheus for the latency histogram, and evaluate every dashboard panel's PromQL; then
+#      roll out version 2 under traffic (put in the folder, loaded through the API) and back
+#      (removed, found by polling), with no failed request;
 #   6. check the API runs as non-root and stops cleanly on SIGTERM;
 #   7. tear everything down (compose down -v, stop dockerd), also on failure.
 # Grafana is not run: its image cannot be fetched here, and Debian does not package it.
@@ -31,6 +34,8 @@ BUILDER_TAG=sepconv-serve/model-builder:latest
 CA_BUNDLE=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 TORCH_WHEEL=${TORCH_WHEEL:-$(ls /opt/wheels/torch-2.13.0+cpu-*.whl 2>/dev/null | head -n1 || true)}
 PROJECT=sepconv-e2e
+MODEL=fashion-mnist        # docker-compose.yml's SEPCONV_BUILD_NAME
+HOST_UID=12345             # owns the repository folder: neither root nor the API's uid 10001
 
 # One run at a time per cache: two engines on one data root would corrupt it, and the ports are
 # fixed. A second run waits for the first.
@@ -104,6 +109,13 @@ if "$DOCKER" run --rm --network none --entrypoint python "$API_TAG" -c "import t
   echo "e2e: torch is importable in $API_TAG" >&2; exit 1
 fi
 
+# The repository compose mounts (SEPCONV_MODELS_DIR, ./models by default), outside the checkout
+# so that a user's models there are neither used nor touched.
+models_dir="$run_dir/models"
+mkdir -m 755 "$models_dir"
+chown "$HOST_UID:$HOST_UID" "$models_dir"
+export SEPCONV_MODELS_DIR=$models_dir
+
 echo "e2e: docker-compose up (model-builder -> api, prometheus)"
 compose up -d --no-build model-builder api prometheus
 # Nothing may have created a network: host networking only (bridge/host/none are built in).
@@ -121,6 +133,12 @@ done
 [ "$health" = healthy ] || { echo "e2e: api never became healthy ($health)" >&2; exit 1; }
 stamp api_healthy_s
 
+built="$models_dir/$MODEL/1/model.onnx"
+[ -s "$built" ] || { echo "e2e: the builder wrote no $built" >&2; exit 1; }
+owner=$(stat -c %u "$built")
+[ "$owner" = "$HOST_UID" ] \
+  || { echo "e2e: $built belongs to uid $owner, not to the folder's owner $HOST_UID" >&2; exit 1; }
+
 api_uid=$("$DOCKER" exec "$api_id" id -u)
 [ "$api_uid" != 0 ] || { echo "e2e: the api runs as root" >&2; exit 1; }
 # The API serves (both workers, shared metrics) with a read-only root: only /tmp is writable.
@@ -132,7 +150,7 @@ fi
 
 "$PYTHON" deploy/e2e_check.py --api http://127.0.0.1:18000 --prometheus http://127.0.0.1:19090 \
   --grpc 127.0.0.1:18002 --dashboard deploy/grafana/dashboards/sepconv.json --k8s deploy/k8s \
-  --out "$run_dir/check.json"
+  --repository "$models_dir" --model "$MODEL" --out "$run_dir/check.json"
 stamp checks_s
 
 # SIGTERM must reach uvicorn through tini: a graceful shutdown well within the grace period, not

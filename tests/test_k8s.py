@@ -28,7 +28,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from service.engine.layout import NAME_PATTERN
 from tests import k8s_schemas
+from tests.images import API_IMAGES, image_env
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
@@ -104,9 +106,11 @@ def deployment(docs: list[dict]) -> dict:
 
 
 def settings_env(docs: list[dict]) -> dict[str, str]:
-    """The SEPCONV_* variables the API container gets: its ConfigMap(s) and env."""
+    """The SEPCONV_* variables the API container gets: its image's, its ConfigMap(s), its env."""
     container = api_container(docs)
-    env: dict[str, str] = {}
+    # Under the pod's environment lies the image's own ENV (the Dockerfile stage it pulls).
+    stage = API_IMAGES[container["image"].rsplit(":", 1)[0]]
+    env = {k: v for k, v in image_env(stage).items() if k.startswith("SEPCONV_")}
     for source in container.get("envFrom", []):
         name = source["configMapRef"]["name"]
         env.update(one(docs, "ConfigMap", name)["data"])
@@ -304,7 +308,16 @@ def test_the_model_comes_from_a_volume_not_the_image(rendered, overlay, source):
     api = api_container(docs)
     mount = next(m for m in api["volumeMounts"] if m["name"] == "models")
     assert mount["readOnly"] is True
-    assert settings_env(docs)["SEPCONV_MODEL_PATH"].startswith(mount["mountPath"] + "/")
+    env = settings_env(docs)
+    if source == "pvc":
+        # The claim is a repository that changes under the running pods: they poll it.
+        assert env["SEPCONV_MODEL_REPOSITORY"] == mount["mountPath"]
+        assert "SEPCONV_MODEL_PATH" not in env
+        assert float(env["SEPCONV_REPOSITORY_POLL_S"]) > 0
+    else:
+        # One file, fixed for the pod's life (built at its start, or an image).
+        assert env["SEPCONV_MODEL_PATH"].startswith(mount["mountPath"] + "/")
+        assert "SEPCONV_MODEL_REPOSITORY" not in env and "SEPCONV_REPOSITORY_POLL_S" not in env
     if source == "init":
         assert "emptyDir" in models
         (builder,) = spec["initContainers"]
@@ -318,6 +331,15 @@ def test_the_model_comes_from_a_volume_not_the_image(rendered, overlay, source):
             claim["persistentVolumeClaim"]["claimName"]
             == (models["persistentVolumeClaim"]["claimName"])
         )
+        # The Job writes the repository layout where the API reads it: version 1 of a model
+        # named as the server requires (build-model.sh, tests/test_deploy.py).
+        (builder,) = job["containers"]
+        job_env = {e["name"]: e["value"] for e in builder["env"]}
+        job_mount = next(m for m in builder["volumeMounts"] if m["name"] == claim["name"])
+        assert job_env["SEPCONV_MODEL_REPOSITORY"] == job_mount["mountPath"] == mount["mountPath"]
+        assert "SEPCONV_MODEL_DIR" not in job_env
+        assert NAME_PATTERN.match(job_env["SEPCONV_BUILD_NAME"])
+        assert "SEPCONV_BUILD_VERSION" not in job_env  # version 1, once: the Job is idempotent
         assert "initContainers" not in spec
     else:
         assert models["image"]["reference"]
@@ -354,7 +376,7 @@ def settings_of(docs: list[dict], monkeypatch):
     return Settings()  # validates every value, as the server does at start-up
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", [*OVERLAYS, "model-image"])
 def test_configmap_holds_valid_settings(rendered, overlay, monkeypatch):
     settings = settings_of(rendered[overlay], monkeypatch)
     api = api_container(rendered[overlay])
@@ -362,6 +384,18 @@ def test_configmap_holds_valid_settings(rendered, overlay, monkeypatch):
     assert settings.host == "0.0.0.0" and ports["http"] == settings.port
     # The pod's shape is explicit, so the CPU request can be checked against it.
     assert settings.workers != "auto" and settings.intra_op_threads > 0
+
+
+def test_settings_check_refuses_a_model_file_beside_a_repository(rendered, monkeypatch):
+    """The check sees what the server refuses: the claim's repository plus a model file (from
+    the ConfigMap here; the image's ENV is counted the same way)."""
+    from pydantic import ValidationError
+
+    docs = copy.deepcopy(rendered["gpu"])
+    name = api_container(docs)["envFrom"][0]["configMapRef"]["name"]
+    one(docs, "ConfigMap", name)["data"]["SEPCONV_MODEL_PATH"] = "/models/model.onnx"
+    with pytest.raises(ValidationError, match="both set"):
+        settings_of(docs, monkeypatch)
 
 
 def prestop_seconds(container: dict) -> float:

@@ -4,6 +4,7 @@ and the ClusterServingRuntime's environment is a valid configuration of this ser
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from pydantic import ValidationError
 from service.api.app import create_app
 from service.engine.runtime import ModelLoadError, find_model_file
 from service.settings import Settings
+from tests.images import API_IMAGES, image_env
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNTIME = ROOT / "deploy" / "k8s" / "kserve" / "clusterservingruntime.yaml"
@@ -102,8 +104,15 @@ def test_the_serving_runtime_configures_this_server(monkeypatch):
     assert not unknown, f"not settings: {unknown}"
     # KServe fills {{.Name}} with the InferenceService's name, a DNS label.
     assert env["SEPCONV_MODEL_NAME"] == "{{.Name}}"
-    for key, value in env.items():
-        monkeypatch.setenv(key, value.replace("{{.Name}}", "fashion-mnist"))
+    # Over the image's own ENV: the runtime names a model file, so the image must name no
+    # model location of its own (a repository there and a file here would be refused).
+    assert container["image"].rsplit(":", 1)[0] in API_IMAGES
+    for key in [k for k in os.environ if k.startswith("SEPCONV_")]:
+        monkeypatch.delenv(key)
+    image = image_env(API_IMAGES[container["image"].rsplit(":", 1)[0]])
+    for key, value in {**image, **env}.items():
+        if key.startswith("SEPCONV_"):
+            monkeypatch.setenv(key, value.replace("{{.Name}}", "fashion-mnist"))
     settings = Settings()
     assert settings.model_path == Path("/mnt/models")
     assert settings.model_name == "fashion-mnist"
