@@ -79,6 +79,15 @@ class Settings(BaseSettings):
         description="ORT threads inside one operator; 0 = cores / (workers x lanes), never "
         "oversubscribed.",
     )
+    lone_request_threads: int = Field(
+        0,
+        ge=0,
+        description="ORT threads for a request that is alone: no other request in progress in "
+        "this worker nor in any other (a shared flag per worker). 0 = every core, so a lone "
+        "heavy request uses the whole machine while a loaded server keeps one thread per "
+        "lane; a value at or below SEPCONV_INTRA_OP_THREADS turns it off. It costs a second "
+        "ORT session per model version.",
+    )
     inter_op_threads: int = Field(
         1, ge=1, description="ORT threads across operators; MobileNet is a chain, so 1."
     )
@@ -119,6 +128,12 @@ class Settings(BaseSettings):
         le=65535,
         description="Port of the gRPC Open Inference Protocol server (Triton's default); 0 turns "
         "gRPC off. Same host, process and batcher as HTTP.",
+    )
+    worker_index: int | None = Field(
+        None,
+        ge=0,
+        description="Internal: this worker's number among the supervisor's workers (its slot "
+        "in the flags that tell a worker whether the others are busy).",
     )
     control_dir: Path | None = Field(
         None,
@@ -251,6 +266,12 @@ class Settings(BaseSettings):
         if self.workers == "auto":
             return min(available_cores(), MAX_AUTO_WORKERS)
         return self.workers
+
+    @property
+    def resolved_lone_request_threads(self) -> int:
+        """Threads for a lone request; 0 when that would be no more than the usual ones."""
+        threads = self.lone_request_threads or available_cores()
+        return threads if threads > self.resolved_intra_op_threads else 0
 
     @property
     def resolved_intra_op_threads(self) -> int:

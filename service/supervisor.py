@@ -87,6 +87,8 @@ def _worker_main(index: int, uvicorn_kwargs: dict[str, Any]) -> None:
             f"sepconv-serve worker {index}: cannot listen on {host}:{port}: {exc}", file=sys.stderr
         )
         sys.exit(1)
+    # This worker's slot in the flags that say which workers are busy (service.engine.lanes).
+    os.environ["SEPCONV_WORKER_INDEX"] = str(index)
     # The environment carries every setting (CLI flags included) into the spawned process.
     # uvicorn returns (instead of raising) when the app's start-up fails.
     # The app's other listening sockets (gRPC) join their port's SO_REUSEPORT group too.

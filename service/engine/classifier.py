@@ -163,6 +163,8 @@ class Classifier:
         started = time.monotonic()
         refused = False
         self.active += 1
+        lanes = self.batcher.pool
+        lanes.enter()
         try:
             yield ctx, started
         except BaseException as exc:
@@ -173,6 +175,7 @@ class Classifier:
             self.observer.request_finished(ctx, started, time.monotonic() - started, None)
         finally:
             self.active -= 1
+            lanes.leave()
             if refused:
                 # Held after it stops counting: a refusal waiting its turn is not work in
                 # progress, and must not keep a lone request off the inline path.

@@ -1,4 +1,5 @@
-"""The process's inference capacity: ``count`` lanes, shared by every loaded model's batcher.
+"""The process's inference capacity: ``count`` lanes, shared by every loaded model's batcher,
+and whether a request is alone on the machine.
 
 Each model and version has its own batcher (its own queue and batches), but they all run on the
 same cores. If each batcher had its own threads, two busy models would run two batches at once,
@@ -7,15 +8,23 @@ would predict its wait from its own queue alone, blind to the other model's work
 the same cores. So a process has one :class:`Lanes`: at most ``count`` batches run at once,
 whatever their model, in one thread pool, and the predicted wait of any request counts the
 queued work of every model (:meth:`Lanes.seconds_to_drain`).
+
+A request alone on the machine (:meth:`Lanes.alone`: the only one in progress in this process,
+and no other worker process has one, as their flags on a :class:`BusyBoard` say) may run on
+every core (``SEPCONV_LONE_REQUEST_THREADS``), where a loaded server keeps each lane to its own
+thread: the lowest latency for one request and the most throughput under load, without
+choosing between them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Protocol
 
 log = logging.getLogger(__name__)
@@ -43,6 +52,36 @@ class WorkSource(Protocol):
         ...
 
 
+class BusyBoard:
+    """One byte per worker process in a shared file: 1 while that worker has a request in
+    progress. A worker writes only its own byte, so no lock is needed."""
+
+    def __init__(self, path: Path, slot: int, slots: int) -> None:
+        if not 0 <= slot < slots:
+            raise ValueError(f"worker slot {slot} outside 0..{slots - 1}")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size < slots:
+                os.ftruncate(fd, slots)
+            self._map = mmap.mmap(fd, slots)
+        finally:
+            os.close(fd)
+        self.slot = slot
+        self.slots = slots
+        self.set(False)
+
+    def set(self, busy: bool) -> None:
+        self._map[self.slot] = 1 if busy else 0
+
+    def others_busy(self) -> bool:
+        flags = self._map[: self.slots]
+        return any(flag for i, flag in enumerate(flags) if i != self.slot)
+
+    def close(self) -> None:
+        self.set(False)
+        self._map.close()
+
+
 class Lanes:
     """``count`` batches at once over every model, in one thread pool of ``count`` threads."""
 
@@ -59,8 +98,28 @@ class Lanes:
         )
         #: Images in batches running now, over every model.
         self.running = 0
+        #: Requests in progress in this process (between admission and answer), every model.
+        self.in_progress = 0
+        #: The other workers' flags; None in a single process (no other worker to ask).
+        self.board: BusyBoard | None = None
         self._sources: set[WorkSource] = set()
         self._closed = False
+
+    def enter(self) -> None:
+        """A request is in progress (the classifier calls it; pair with :meth:`leave`)."""
+        self.in_progress += 1
+        if self.in_progress == 1 and self.board is not None:
+            self.board.set(True)
+
+    def leave(self) -> None:
+        self.in_progress -= 1
+        if self.in_progress == 0 and self.board is not None:
+            self.board.set(False)
+
+    def alone(self) -> bool:
+        """True when one request is in progress in this process and none in any other worker:
+        a batch for it may use every core."""
+        return self.in_progress == 1 and (self.board is None or not self.board.others_busy())
 
     async def acquire(self) -> None:
         await self._free.acquire()
@@ -87,3 +146,5 @@ class Lanes:
         if not self._closed:
             self._closed = True
             await asyncio.to_thread(self.executor.shutdown, wait=True)
+            if self.board is not None:
+                self.board.close()

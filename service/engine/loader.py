@@ -66,6 +66,7 @@ def open_runtime(
         name=name,
         version=version,
         memory_arena=settings.ort_memory_arena,
+        lone_threads=settings.resolved_lone_request_threads,
         observer=observer,
     )
 
@@ -115,6 +116,7 @@ class Loader:
         # Only a version that loads gets its series: a failed load shows in the load metrics
         # and the index, not as a model with empty engine series.
         observer = runtime.observer = self.observer_for(name, vf.version)
+        runtime.alone = self.lanes.alone
         classifier = self._classifier(runtime, observer, full_batch_s, single_s)
         classifier.batcher.start()
         return Served(name, vf.version, classifier, vf.fingerprint)

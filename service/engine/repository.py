@@ -37,7 +37,7 @@ from sepconv.spec import ModelSpec, SpecError, read_spec
 from service.engine.classifier import Classifier, Inputs
 from service.engine.context import RequestContext
 from service.engine.fleet import Fleet, Outcome, merge
-from service.engine.lanes import Lanes
+from service.engine.lanes import BusyBoard, Lanes
 from service.engine.layout import (
     Fingerprint,
     LayoutError,
@@ -313,6 +313,11 @@ class ModelRepository:
         """Load every model the repository holds. With one model file (``SEPCONV_MODEL_PATH``)
         a failure stops start-up; a repository starts anyway, not ready until a model loads."""
         self.source = source_from(self.settings)
+        if self.fleet is not None and self.settings.worker_index is not None:
+            # The other workers' flags: a request alone on the machine may use every core.
+            self.lanes.board = BusyBoard(
+                self.fleet.folder / "busy", self.settings.worker_index, self.fleet.workers
+            )
         async with self._lock:
             folders = await asyncio.to_thread(self._scan)
             failures = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,7 @@ class ModelRuntime:
         name: str | None = None,
         version: str | None = None,
         memory_arena: bool = True,
+        lone_threads: int = 0,
     ) -> None:
         self.path = find_model_file(path)
         self.observer = observer
@@ -110,21 +112,29 @@ class ModelRuntime:
             self.spec = self.spec.model_copy(update=served)
 
         requested = choose_providers(provider)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.intra_op_num_threads = intra_op_threads
-        opts.inter_op_num_threads = inter_op_threads
-        spin = "1" if spinning else "0"
-        opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
-        opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
-        # ORT's CPU arena keeps every block it ever grew (onnxruntime#11627); without it, the
-        # memory a run takes goes back to malloc, and a released session leaves nothing behind.
-        opts.enable_cpu_mem_arena = memory_arena
-        try:
-            self.session = ort.InferenceSession(self.model_bytes, opts, providers=requested)
-        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
-            raise ModelLoadError(f"onnxruntime cannot load {self.path}: {exc}") from exc
+
+        def session(threads: int, spin: bool) -> ort.InferenceSession:
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = inter_op_threads
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "01"[spin])
+            opts.add_session_config_entry("session.inter_op.allow_spinning", "01"[spin])
+            # ORT's CPU arena keeps every block it ever grew (onnxruntime#11627); without it,
+            # the memory a run takes goes back to malloc, and a released session leaves
+            # nothing behind.
+            opts.enable_cpu_mem_arena = memory_arena
+            try:
+                return ort.InferenceSession(self.model_bytes, opts, providers=requested)
+            except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
+                raise ModelLoadError(f"onnxruntime cannot load {self.path}: {exc}") from exc
+
+        self.session = session(intra_op_threads, spinning)
+        #: A session with ``lone_threads`` intra-op threads, for a request alone on the
+        #: machine (see :class:`service.engine.lanes.Lanes`); None when not wanted. Its threads
+        #: spin between the operators of a run: nothing else is running then.
+        self.lone_session = session(lone_threads, True) if lone_threads > intra_op_threads else None
 
         self.providers: list[str] = list(self.session.get_providers())
         if provider == "cuda" and self.providers[0] != CUDA:
@@ -138,6 +148,10 @@ class ModelRuntime:
         self._output_names = [self.spec.output_name]
         self.intra_op_threads = intra_op_threads
         self.inter_op_threads = inter_op_threads
+        self.lone_threads = lone_threads if self.lone_session is not None else 0
+        #: Whether the run starting now is for a request alone on the machine (the loader
+        #: sets it to the lanes' :meth:`~service.engine.lanes.Lanes.alone`).
+        self.alone: Callable[[], bool] = lambda: False
         self._cost = None
         self._cost_lock = threading.Lock()
         log.info(
@@ -178,9 +192,10 @@ class ModelRuntime:
             )
 
     def close(self) -> None:
-        """Release the ONNX Runtime session (its weights, arena and threads) now, rather than
+        """Release the ONNX Runtime sessions (weights, arena and threads) now, rather than
         whenever the last reference to this object goes; the model must not run again."""
         self.session = None
+        self.lone_session = None
         self.model_bytes = b""
 
     def cost_report(self):
@@ -200,9 +215,14 @@ class ModelRuntime:
         return (self.spec.channels, self.spec.input_size, self.spec.input_size)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """float32 (N, C, H, W) -> logits (N, num_classes). Blocking: call from a worker thread."""
+        """float32 (N, C, H, W) -> logits (N, num_classes). Blocking: call from a worker thread.
+
+        On the lone session when there is one and :attr:`alone` says the request is alone on
+        the machine (asked here, as the run starts, so the answer is as fresh as can be)."""
+        lone = self.lone_session
+        session = lone if lone is not None and self.alone() else self.session
         start = time.perf_counter()
-        out = self.session.run(self._output_names, {self.spec.input_name: batch})[0]
+        out = session.run(self._output_names, {self.spec.input_name: batch})[0]
         self.observer.inference(time.perf_counter() - start, len(batch))
         return out
 
@@ -224,13 +244,18 @@ class ModelRuntime:
         inference histogram.
         """
         start = time.perf_counter()
+        sessions = [s for s in (self.session, self.lone_session) if s is not None]
         for n in sorted(set(batch_sizes)):
             x = np.zeros((n, *self.input_shape), dtype=np.float32)
-            for _ in range(runs):
-                out = self.session.run(self._output_names, {self.spec.input_name: x})[0]
-                if out.shape != (n, self.spec.num_classes):
-                    raise ModelLoadError(
-                        f"{self.path}: warm-up output shape {out.shape}, expected "
-                        f"({n}, {self.spec.num_classes})"
-                    )
+            for session in sessions:
+                # A lone request is one image: its session needs no warm-up at larger batches.
+                if session is self.lone_session and n > 1:
+                    continue
+                for _ in range(runs):
+                    out = session.run(self._output_names, {self.spec.input_name: x})[0]
+                    if out.shape != (n, self.spec.num_classes):
+                        raise ModelLoadError(
+                            f"{self.path}: warm-up output shape {out.shape}, expected "
+                            f"({n}, {self.spec.num_classes})"
+                        )
         return time.perf_counter() - start
