@@ -230,7 +230,7 @@ class FlakyBatcher:
 
 @contextlib.contextmanager
 def flaky(served, failures: int, retry_after_s: int):
-    classifier = served.app.state.classifier
+    classifier = served.app.state.repository.lookup().classifier
     real = classifier.batcher
     classifier.batcher = FlakyBatcher(real, failures, retry_after_s)
     try:
