@@ -15,24 +15,29 @@ from service.engine import decode
 from service.engine.admission import MAX_REFUSAL_HOLD_S, REFUSAL_BURST_S, Admission
 from service.engine.batcher import Batcher, RequestTimeoutError
 from service.engine.context import RequestContext
+from service.engine.observer import EngineObserver, FanOut
 from service.errors import Overloaded
 from service.metrics import REFUSAL_HOLD
 from service.settings import Settings
 
 from .conftest import png_bytes
+from .waiting import wait_event
 
 PNG = {"content-type": "image/png"}
 
 
 class GatedModel:
-    """Blocks in the model until released; records every row it was given."""
+    """Blocks in the model until released (``entered`` says a batch is there); records every
+    row it was given."""
 
     def __init__(self) -> None:
         self.gate = threading.Event()
+        self.entered = threading.Event()
         self.seen: list[float] = []
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        self.gate.wait(5)
+        self.entered.set()
+        self.gate.wait(30)
         self.seen.extend(float(v) for v in x[:, 0, 0, 0])
         return x.reshape(len(x), -1)[:, :2]
 
@@ -129,7 +134,8 @@ def test_expired_requests_never_reach_the_model():
         batcher.start()
         try:
             running = asyncio.ensure_future(batcher.submit(_row(1)))
-            await asyncio.sleep(0.05)  # the worker holds row 1 inside the gated model
+            # The worker holds row 1 inside the gated model.
+            await wait_event(model.entered, "row 1 never reached the model")
             loop_now = asyncio.get_running_loop().time()
             short = RequestContext(deadline=loop_now + 0.05)
             expiring = [asyncio.ensure_future(batcher.submit(_row(v), short)) for v in (2, 3)]
@@ -236,7 +242,17 @@ def test_a_refusal_storm_is_held_back_then_refused(client, make_png):
     assert client.post("/v1/classify", content=make_png(6), headers=PNG).status_code == 200
 
 
-def test_a_held_refusal_is_not_counted_in_progress(client):
+class HoldRecorder(EngineObserver):
+    """Says when a refusal starts waiting its turn."""
+
+    def __init__(self) -> None:
+        self.holding = asyncio.Event()
+
+    def refusal_held(self, seconds: float) -> None:
+        self.holding.set()
+
+
+def test_a_held_refusal_is_not_counted_in_progress(client, monkeypatch):
     classifier = client.app.state.repository.lookup().classifier
     classifier.admission.refusal_rate_factor = 1
     classifier.batcher.nominal_image_seconds = 0.1  # 10 refusals/s: the second one is held
@@ -247,9 +263,13 @@ def test_a_held_refusal_is_not_counted_in_progress(client):
                 raise Overloaded("busy", retry_after_s=1)
 
     async def scenario():
+        recorder = HoldRecorder()  # made on the loop: its event belongs to it
+        admission = classifier.admission
+        monkeypatch.setattr(admission, "observer", FanOut(admission.observer, recorder))
         await refused()  # takes the burst allowance
+        assert not recorder.holding.is_set()
         held = asyncio.ensure_future(refused())
-        await asyncio.sleep(0.01)
+        await asyncio.wait_for(recorder.holding.wait(), 30)  # the second refusal is held now
         during = classifier.active
         await held
         return during

@@ -19,6 +19,8 @@ from service.engine.batcher import (
 )
 from service.metrics import PrometheusObserver
 
+from .waiting import wait_event, wait_until_async
+
 #: The labels of the observer these batchers report to.
 MODEL = {"model": "batcher-test", "version": "1"}
 
@@ -28,7 +30,11 @@ def _sample(name: str, **labels: str) -> float:
 
 
 class FakeModel:
-    """Logits = per-image pixel sums, so every answer identifies its own input."""
+    """Logits = per-image pixel sums, so every answer identifies its own input.
+
+    ``gate`` (open unless a test clears it) holds each batch inside the model; ``entered`` is set
+    once a batch has reached the model, so a test knows the worker is busy with it.
+    """
 
     def __init__(self, delay_s: float = 0.0) -> None:
         self.delay_s = delay_s
@@ -36,13 +42,15 @@ class FakeModel:
         self.threads: set[str] = set()
         self.gate = threading.Event()
         self.gate.set()
+        self.entered = threading.Event()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        self.gate.wait(5)
+        self.entered.set()
+        self.gate.wait(30)
         self.threads.add(threading.current_thread().name)
         self.batches.append(x.copy())
         if self.delay_s:
-            time.sleep(self.delay_s)
+            time.sleep(self.delay_s)  # a model that takes time: batches overlap with arrivals
         s = x.reshape(len(x), -1).sum(axis=1)
         return np.stack([s, -s], axis=1)
 
@@ -53,6 +61,15 @@ def _image(value: float) -> np.ndarray:
 
 def run(coro):
     return asyncio.run(coro)
+
+
+async def in_the_model(model: FakeModel) -> None:
+    await wait_event(model.entered, "no batch reached the model")
+
+
+async def queued(b: Batcher, n: int) -> None:
+    """``n`` images wait: in the queue, or taken by the worker to wait for a lane."""
+    await wait_until_async(lambda: b.depth >= n, lambda: f"only {b.depth} of {n} images queued")
 
 
 async def _with_batcher(model, body, **kw):
@@ -105,12 +122,15 @@ def test_stragglers_join_a_forming_batch_until_the_deadline():
     async def body(b: Batcher):
         model.gate.clear()  # hold the first batch so two requests queue up behind it
         first = asyncio.create_task(b.submit(_image(0)))
-        await asyncio.sleep(0.05)
+        await in_the_model(model)
         pair = [asyncio.create_task(b.submit(_image(v))) for v in (1, 2)]
-        await asyncio.sleep(0.01)
+        await queued(b, 2)
         model.gate.set()
         await first
-        await asyncio.sleep(0.02)  # well inside the 0.5 s window of the pair's first arrival
+        # The worker has taken the pair off the queue and waits for stragglers (nothing awaits
+        # between taking the pair and that wait): well inside the 0.5 s window of the pair's
+        # first arrival, the late one arrives as a straggler, not as part of the queue.
+        await wait_until_async(lambda: b._queue.empty(), "the worker never took the pair")
         late = asyncio.create_task(b.submit(_image(3)))
         return await asyncio.gather(*pair, late)
 
@@ -126,15 +146,16 @@ def test_full_queue_rejects_at_once():
     async def body(b: Batcher):
         model.gate.clear()
         running = asyncio.create_task(b.submit(_image(0)))
-        await asyncio.sleep(0.05)  # the worker has taken it and is blocked in the model
-        queued = [asyncio.create_task(b.submit(_image(v))) for v in (1, 2)]
-        await asyncio.sleep(0)
+        await in_the_model(model)  # the worker has taken it and is blocked in the model
+        # Enqueued without an await in between: the worker cannot take one of them off the
+        # queue before the next arrives, so the queue holds exactly its bound.
+        waiting = [b.enqueue(_image(v)) for v in (1, 2)]
         start = time.perf_counter()
         with pytest.raises(QueueFullError) as info:
             await b.submit(_image(9))
         elapsed = time.perf_counter() - start
         model.gate.set()
-        done = await asyncio.gather(running, *queued)
+        done = await asyncio.gather(running, *waiting)
         return info.value, elapsed, done
 
     err, elapsed, done = run(_with_batcher(model, body, max_batch_size=1, max_queue_size=2))
@@ -150,7 +171,7 @@ def test_timed_out_request_fails_and_is_dropped_from_the_batch():
     async def body(b: Batcher):
         model.gate.clear()
         blocker = asyncio.create_task(b.submit(_image(0)))
-        await asyncio.sleep(0.02)
+        await in_the_model(model)  # so 7 cannot share the blocker's batch
         with pytest.raises(RequestTimeoutError, match="no result within"):
             await b.submit(_image(7))
         model.gate.set()
@@ -171,10 +192,10 @@ def test_cancelled_request_is_skipped():
     async def body(b: Batcher):
         model.gate.clear()
         blocker = asyncio.create_task(b.submit(_image(0)))
-        await asyncio.sleep(0.02)
+        await in_the_model(model)
         doomed = asyncio.create_task(b.submit(_image(5)))
         kept = asyncio.create_task(b.submit(_image(6)))
-        await asyncio.sleep(0.01)
+        await queued(b, 2)  # both are in the batcher before one is given up
         doomed.cancel()  # a client that disconnected
         model.gate.set()
         return await asyncio.gather(blocker, kept)
@@ -187,11 +208,13 @@ def test_cancelled_request_is_skipped():
 
 def test_failed_batch_fails_every_request_in_it_and_the_worker_survives():
     calls = []
+    entered, gate = threading.Event(), threading.Event()
 
     def flaky(x: np.ndarray) -> np.ndarray:
         calls.append(len(x))
         if len(calls) == 1:
-            time.sleep(0.05)  # let the next requests queue up into one batch
+            entered.set()
+            gate.wait(30)  # held while the next requests queue up into one batch
             return np.zeros((len(x), 2), np.float32)
         if len(calls) == 2:
             raise RuntimeError("CUDA out of memory")
@@ -199,8 +222,10 @@ def test_failed_batch_fails_every_request_in_it_and_the_worker_survives():
 
     async def body(b: Batcher):
         first = asyncio.create_task(b.submit(_image(0)))
-        await asyncio.sleep(0.01)
+        await wait_event(entered, "the first batch never reached the model")
         batch = [asyncio.create_task(b.submit(_image(v))) for v in range(3)]
+        await queued(b, 3)
+        gate.set()
         await first
         outcomes = await asyncio.gather(*batch, return_exceptions=True)
         after = await b.submit(_image(1))
@@ -248,12 +273,16 @@ def test_stop_fails_queued_requests_instead_of_hanging():
         b.start()
         model.gate.clear()
         running = asyncio.create_task(b.submit(_image(0)))
-        await asyncio.sleep(0.02)
-        queued = asyncio.create_task(b.submit(_image(1)))
-        await asyncio.sleep(0)
-        threading.Timer(0.05, model.gate.set).start()
-        await b.stop()
-        results = await asyncio.gather(running, queued, return_exceptions=True)
+        await in_the_model(model)
+        waiting = asyncio.create_task(b.submit(_image(1)))
+        await queued(b, 1)
+        stopper = asyncio.create_task(b.stop())
+        # The model is let go only once stop has failed the request it holds (stop then waits
+        # for the lane to finish, and must not hang on it).
+        await wait_until_async(running.done, "stop did not fail the running request")
+        model.gate.set()
+        await stopper
+        results = await asyncio.gather(running, waiting, return_exceptions=True)
         with pytest.raises(BatchFailedError, match="not running"):
             await b.submit(_image(2))
         return results
@@ -318,9 +347,9 @@ def test_stop_fails_requests_of_batches_still_running():
         b = Batcher(model, max_batch_size=2, lanes=2)
         b.start()
         pending = asyncio.ensure_future(b.submit(_image(1)))
-        await asyncio.sleep(0.05)
+        await in_the_model(model)
         stopper = asyncio.ensure_future(b.stop())
-        await asyncio.sleep(0.05)
+        await wait_until_async(pending.done, "stop did not fail the running request")
         model.gate.set()
         await stopper
         with pytest.raises(BatchFailedError, match="shutting down"):

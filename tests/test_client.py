@@ -7,7 +7,6 @@ import contextlib
 import subprocess
 import sys
 import threading
-import time
 import tomllib
 from importlib import import_module
 from pathlib import Path
@@ -20,6 +19,7 @@ from service.client import base, cli
 from service.engine.batcher import QueueFullError
 
 from .conftest import TINY_LABELS
+from .waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOLS = ("v1", "oip", "grpc")
@@ -45,16 +45,17 @@ class Served:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.02)
+        wait_until(self._started, "the server did not start")
         self.urls = {
             "v1": f"http://127.0.0.1:{self.http_port}",
             "oip": f"http://127.0.0.1:{self.http_port}",
             "grpc": f"grpc://127.0.0.1:{settings.grpc_port}",
         }
+
+    def _started(self) -> bool:
+        if not self.thread.is_alive():
+            raise RuntimeError("the server stopped during start-up")
+        return self.server.started
 
     def stop(self) -> None:
         self.server.should_exit = True

@@ -28,6 +28,7 @@ from service.protocols.oip_grpc import inference_pb2_grpc as pb_grpc
 from service.supervisor import bind_reuseport
 
 from .conftest import FailingBatcher
+from .waiting import wait_until
 
 MAX_BODY = 256 * 1024
 
@@ -58,13 +59,14 @@ class Served:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.02)
+        wait_until(self._started, "the server did not start")
         self.grpc_url = f"127.0.0.1:{settings.grpc_port}"
         self.http_url = f"127.0.0.1:{self.http_port}"
+
+    def _started(self) -> bool:
+        if not self.thread.is_alive():
+            raise RuntimeError("the server stopped during start-up")
+        return self.server.started
 
     @property
     def state(self):
@@ -421,10 +423,7 @@ def gated(batcher, gate: Gate, **more):
 
 
 def wait_queued(batcher, n: int) -> None:
-    deadline = time.monotonic() + 10
-    while batcher.depth < n:
-        assert time.monotonic() < deadline, f"only {batcher.depth} of {n} requests queued"
-        time.sleep(0.01)
+    wait_until(lambda: batcher.depth >= n, lambda: f"only {batcher.depth} of {n} requests queued")
 
 
 class BatchRecorder(EngineObserver):
@@ -536,13 +535,10 @@ def test_shutdown_drains_calls_in_flight(tiny_model_path, spec):
     caller = threading.Thread(target=call)
     caller.start()
     gate.wait_entered()
-    deadline = time.monotonic() + 10
     stopper = threading.Thread(target=server.stop)
     stopper.start()
     # The server is shutting down with the call in flight; let the model answer now.
-    while server.state.repository.ready:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_until(lambda: not server.state.repository.ready, "the server never began to stop")
     gate.opened.set()
     caller.join(30)
     stopper.join(30)
@@ -563,10 +559,10 @@ def test_draining_turns_readiness_and_health_off_but_keeps_serving(tiny_model_pa
             check = health_pb2.HealthCheckRequest(service="")
             assert health.Check(check).status == health_pb2.HealthCheckResponse.SERVING
             server.state.drain.begin()  # what SIGTERM does
-            deadline = time.monotonic() + 10
-            while health.Check(check).status != health_pb2.HealthCheckResponse.NOT_SERVING:
-                assert time.monotonic() < deadline, "health still SERVING while draining"
-                time.sleep(0.02)
+            wait_until(
+                lambda: health.Check(check).status == health_pb2.HealthCheckResponse.NOT_SERVING,
+                "health still SERVING while draining",
+            )
             assert not stub.ServerReady(pb.ServerReadyRequest()).ready
             # As over HTTP: the model is still loaded and answers; the server's readiness is
             # what takes it out of rotation.
@@ -588,9 +584,6 @@ def test_workers_share_the_grpc_port(tmp_path, tiny_model_path, spec):
     port = free_port()
     env = {"SEPCONV_WORKERS": "2", "SEPCONV_GRPC_PORT": str(port)}
     with ServerProcess(tiny_model_path, env, tmp_path / "log", ready_timeout_s=60):
-        deadline = time.monotonic() + 30
-        while listeners(port) < 2:
-            assert time.monotonic() < deadline, f"{listeners(port)} gRPC listeners"
-            time.sleep(0.1)
+        wait_until(lambda: listeners(port) >= 2, lambda: f"{listeners(port)} gRPC listeners")
         with tgrpc.InferenceServerClient(f"127.0.0.1:{port}") as c:
             assert c.is_model_ready(spec.name)

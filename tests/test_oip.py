@@ -18,6 +18,7 @@ from service.engine.batcher import BatchFailedError, QueueFullError, RequestTime
 from service.protocols import oip
 
 from .conftest import FailingBatcher
+from .waiting import wait_until
 
 LABELS = ["circle", "square", "cross"]
 SPEC = ModelSpec(
@@ -549,7 +550,6 @@ def server_url(tiny_model_path):
     """uvicorn on a free loopback port in a background thread, stopped at teardown."""
     import socket
     import threading
-    import time
 
     import uvicorn
 
@@ -564,11 +564,13 @@ def server_url(tiny_model_path):
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
+
+    def started() -> bool:
+        if not thread.is_alive():
+            raise RuntimeError("uvicorn stopped during start-up")
+        return server.started
+
+    wait_until(started, "uvicorn did not start")
     yield f"127.0.0.1:{port}"
     server.should_exit = True
     thread.join(timeout=10)

@@ -14,6 +14,8 @@ from pydantic import ValidationError
 
 from service.settings import Settings, available_cores
 
+from .waiting import wait_until
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -128,26 +130,37 @@ def test_two_workers_serve_and_aggregate_metrics(tmp_path, tiny_model_path, make
     }
     proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=tmp_path, env=env)
     base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert proc.poll() is None, "server exited during start-up"
+        return _get(base + "/readyz")[0] == 200
+
     try:
-        deadline = time.monotonic() + 60
-        while _get(base + "/readyz")[0] != 200:
-            assert proc.poll() is None, "server exited during start-up"
-            assert time.monotonic() < deadline, "server not ready within 60 s"
-            time.sleep(0.2)
+        wait_until(ready, "server not ready", timeout_s=60, interval_s=0.2)
         n = 12  # new connections each time, so both workers get some
         for i in range(n):
             status, _ = _get(base + "/v1/classify", make_png(i), "image/png")
             assert status == 200
-        status, text = _get(base + "/metrics")
-        text = text.decode()
-        line = next(
-            ln
-            for ln in text.splitlines()
-            if ln.startswith("sepconv_http_requests_total{")
-            and 'route="/v1/classify"' in ln
-            and 'status="200"' in ln
-        )
-        assert float(line.rsplit(" ", 1)[1]) == n
+        counted: list[float] = []
+
+        def scraped() -> str | None:
+            # A request is counted once its response is sent, a moment after the client has it:
+            # scrape until the last one is in (or the wait fails on the count that was seen).
+            status, body = _get(base + "/metrics")
+            assert status == 200
+            text = body.decode()
+            line = next(
+                ln
+                for ln in text.splitlines()
+                if ln.startswith("sepconv_http_requests_total{")
+                and 'route="/v1/classify"' in ln
+                and 'status="200"' in ln
+            )
+            counted.append(float(line.rsplit(" ", 1)[1]))
+            return text if counted[-1] >= n else None
+
+        text = wait_until(scraped, lambda: f"classify requests counted: {counted[-1]} of {n}")
+        assert counted[-1] == n
         assert "sepconv_model_info{" in text
         if shutil.which("promtool"):
             lint = subprocess.run(

@@ -256,7 +256,9 @@ def test_every_line_carries_the_request_id_of_its_task(captured):
 
     async def handle(request_id: str) -> None:
         logs.request_id_var.set(request_id)
-        await asyncio.sleep(0)  # interleave the two requests
+        # Not a wait: one turn of the loop, so the other request's task runs between this
+        # one's setting its id and logging (a shared, not task-local, id would show).
+        await asyncio.sleep(0)
         log.info("handling")
         logging.getLogger("uvicorn.error").info("from uvicorn")
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -31,14 +30,29 @@ from service.tracing import Tracing
 
 from .conftest import FailingBatcher
 from .test_grpc import Gate, Served, _settings, fp32, gated, swapped, wait_queued
+from .waiting import TIMEOUT_S
 
 PARENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{PARENT_TRACE}-00f067aa0ba902b7-01"
 
 
+class NotifyingExporter(InMemorySpanExporter):
+    """Keeps spans in memory and wakes whoever waits for one (:func:`_wait_for`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.exported = threading.Condition()
+
+    def export(self, spans):
+        result = super().export(spans)
+        with self.exported:
+            self.exported.notify_all()
+        return result
+
+
 @pytest.fixture(scope="module")
 def spans():
-    exporter = InMemorySpanExporter()
+    exporter = NotifyingExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     return Tracing(provider), exporter
@@ -71,14 +85,18 @@ def _tensor_body(x: np.ndarray) -> bytes:
     return orjson.dumps({"inputs": [item]})
 
 
-def _wait_for(exporter, name: str, count: int = 1) -> list:
-    """Spans end when the response is sent, a moment after the client has it."""
-    deadline = time.monotonic() + 10
-    while True:
-        found = [s for s in exporter.get_finished_spans() if s.name == name]
-        if len(found) >= count or time.monotonic() > deadline:
-            return found
-        time.sleep(0.01)
+def _wait_for(exporter: NotifyingExporter, name: str, count: int = 1) -> list:
+    """Spans end when the response is sent, a moment after the client has it: wait until
+    ``count`` spans called ``name`` are exported, and return them."""
+
+    def found() -> list:
+        return [s for s in exporter.get_finished_spans() if s.name == name]
+
+    with exporter.exported:
+        if not exporter.exported.wait_for(lambda: len(found()) >= count, TIMEOUT_S):
+            ended = [s.name for s in exporter.get_finished_spans()]
+            raise AssertionError(f"not {count} {name!r} spans within {TIMEOUT_S:g} s: {ended}")
+    return found()
 
 
 def _children(exporter, parent) -> dict[str, object]:
@@ -187,10 +205,17 @@ def test_failed_request_span_has_error_status(traced, exporter, spec):
 
 
 def test_no_spans_for_operational_endpoints(traced, exporter):
-    assert httpx.get(f"http://{traced.http_url}/readyz").status_code == 200
-    assert httpx.get(f"http://{traced.http_url}/metrics").status_code == 200
-    time.sleep(0.1)
-    assert exporter.get_finished_spans() == ()
+    base = f"http://{traced.http_url}"
+    assert httpx.get(f"{base}/readyz").status_code == 200
+    assert httpx.get(f"{base}/metrics").status_code == 200
+    # A marker: an inference request refused before the model (so no batch span). Spans end
+    # as their responses are sent, so once the marker's has ended, the others would have too.
+    marker = httpx.post(f"{base}/v1/classify", content=b"", headers={"content-type": "image/png"})
+    assert marker.status_code == 400, marker.text
+    (root,) = _wait_for(exporter, "POST /v1/classify")
+    spans = exporter.get_finished_spans()
+    others = [s.name for s in spans if s.context.trace_id != root.context.trace_id]
+    assert others == []
 
 
 # --- request ids -----------------------------------------------------------------------------
