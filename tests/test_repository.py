@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -36,17 +35,10 @@ from service.settings import Settings
 
 from .conftest import _build, png_bytes
 from .test_grpc import Gate, Served, free_port, swapped
+from .waiting import wait_until
 
 PNG = {"Content-Type": "image/png"}
 NAME = "tiny"
-
-
-def wait_until(predicate, timeout_s: float = 30.0, message: str = "condition") -> None:
-    """Poll ``predicate`` until true; fail with ``message`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {message}"
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -440,7 +432,9 @@ def test_polling_loads_new_versions_and_unloads_removed_models(tmp_path, version
         # An explicit unload is not undone by the next poll.
         shutil.rmtree(tmp_path / NAME / "3")
         assert c.post(f"/v2/repository/models/{NAME}/unload").status_code == 200
-        time.sleep(0.3)  # three polling intervals: the unloaded model must stay unloaded
+        # Three polls later the unloaded model is still unloaded.
+        polls = c.app.state.repository.polls
+        wait_until(lambda: c.app.state.repository.polls >= polls + 3, "three more polls")
         assert index(c) == [(NAME, "", "UNAVAILABLE")]
         assert c.post(f"/v2/repository/models/{NAME}/load").status_code == 200
         shutil.rmtree(tmp_path / NAME)

@@ -147,6 +147,8 @@ class ModelRepository:
         self.started = False
         self._loader = Loader(settings, self.lanes, observer_for)
         self._poller: asyncio.Task | None = None
+        #: Polling passes begun (tests wait on it instead of sleeping).
+        self.polls = 0
         #: Several worker processes: each follows the others' load and unload requests.
         self.fleet = (
             Fleet(settings.control_dir, settings.resolved_workers)
@@ -412,6 +414,7 @@ class ModelRepository:
         """One polling pass: new and changed versions of every model (each file only once it
         held still since the previous pass), removed ones unloaded."""
         async with self._lock:
+            self.polls += 1
             folders = await asyncio.to_thread(self._scan)
             for name in set(self._served) - set(folders):
                 log.info("model %s left the repository: unloading it", name)
