@@ -163,7 +163,7 @@ class Classifier:
         started = time.monotonic()
         refused = False
         self.active += 1
-        lanes = self.batcher.pool
+        lanes = self.admission.lanes
         lanes.enter()
         try:
             yield ctx, started
