@@ -19,6 +19,7 @@ import tempfile
 from pydantic import ValidationError
 
 from service.logs import configure_logging, logging_config
+from service.preflight import preflight, preflight_apart
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -72,20 +73,6 @@ def _share_control_between_workers() -> None:
         os.environ["SEPCONV_CONTROL_DIR"] = path
 
 
-def _check_models(settings: Settings) -> None:
-    """Fail fast on what can never serve: a model file that is missing or not ours, a
-    repository that is not a folder (one whose models fail starts, not ready, so that they can
-    be fixed and loaded without a restart)."""
-    from sepconv.spec import read_spec
-    from service.engine.layout import scan_repository
-    from service.engine.runtime import find_model_file
-
-    if settings.model_repository is not None:
-        scan_repository(settings.model_repository)
-    else:
-        read_spec(str(find_model_file(settings.model_path)))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sepconv-serve",
@@ -107,24 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level, settings.log_format)
 
-    from sepconv.spec import SpecError
-    from service.engine.layout import LayoutError
-    from service.engine.runtime import ModelLoadError, choose_providers
-
-    try:
-        _check_models(settings)
-        choose_providers(settings.provider)
-    except (ModelLoadError, SpecError, LayoutError) as exc:
-        print(f"sepconv-serve: cannot start: {exc}", file=sys.stderr)
+    workers = settings.resolved_workers
+    problem = preflight_apart(settings) if workers > 1 else preflight(settings)
+    if problem is not None:
+        print(f"sepconv-serve: cannot start: {problem}", file=sys.stderr)
         return 1
-    if settings.tracing:
-        from service.tracing import TracingUnavailable, check_available
-
-        try:
-            check_available()
-        except (TracingUnavailable, ValueError) as exc:
-            print(f"sepconv-serve: cannot start: {exc}", file=sys.stderr)
-            return 1
 
     import uvicorn
 
@@ -142,7 +116,6 @@ def main(argv: list[str] | None = None) -> int:
         access_log=False,
         timeout_graceful_shutdown=settings.graceful_shutdown_s,
     )
-    workers = settings.resolved_workers
     if workers > 1:
         _share_metrics_between_workers(workers)
         _share_control_between_workers()

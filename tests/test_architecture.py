@@ -39,7 +39,7 @@ SERVICE_LAYERS = (
     ("service.api",),
     # Running the app: uvicorn with the drain delay, the worker supervisor, the CLI.
     ("service.server",),
-    ("service.supervisor", "service.__main__", "service.client"),
+    ("service.supervisor", "service.preflight", "service.__main__", "service.client"),
 )
 
 

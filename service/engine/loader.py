@@ -119,6 +119,8 @@ class Loader:
         runtime.alone = self.lanes.alone
         classifier = self._classifier(runtime, observer, full_batch_s, single_s)
         classifier.batcher.start()
+        # What the warm-up's largest batches took is free again: back to the system with it.
+        await asyncio.to_thread(release_freed_memory)
         return Served(name, vf.version, classifier, vf.fingerprint)
 
     def _session(self, name: str, vf: VersionFile) -> tuple[ModelRuntime, float, float]:
