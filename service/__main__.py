@@ -19,7 +19,7 @@ import tempfile
 from pydantic import ValidationError
 
 from service.logs import configure_logging, logging_config
-from service.preflight import preflight, preflight_apart
+from service.preflight import preflight
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format)
 
     workers = settings.resolved_workers
-    problem = preflight_apart(settings) if workers > 1 else preflight(settings)
+    problem = preflight(settings, apart=workers > 1)
     if problem is not None:
         print(f"sepconv-serve: cannot start: {problem}", file=sys.stderr)
         return 1
