@@ -293,7 +293,12 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--rate", type=float, default=200.0)
     ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--out", type=Path, default=RESULTS / "rolling_update.json")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS / "rolling_update.json",
+        help="the report (default: %(default)s)",
+    )
     args = ap.parse_args()
     # Stopped from outside: unwind the with-blocks, so no replica or HAProxy outlives the run.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

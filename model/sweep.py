@@ -439,7 +439,7 @@ def add_parser(sub) -> None:
         "--doc",
         type=Path,
         default=Path("docs/results/optimization.md"),
-        help="the report to write (its plot goes beside it as .png)",
+        help="the report to write, its plot beside it as .png (default: %(default)s)",
     )
     p.add_argument(
         "--only",
