@@ -327,9 +327,8 @@ def test_relative_links_resolve(path):
             continue  # http(s), mailto: another site's business
         file, _, anchor = target.partition("#")
         resolved = (path.parent / file).resolve() if file else path
-        if not resolved.exists():
-            broken.append(target)
-        elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
+        anchored = anchor and resolved.suffix == ".md"
+        if not resolved.exists() or (anchored and anchor not in anchors(resolved)):
             broken.append(target)
     assert not broken, f"{path.relative_to(ROOT)}: broken links {broken}"
 
