@@ -350,3 +350,44 @@ def test_measured_results_live_in_docs_results():
         if p.is_file() and (p.suffix in (".png", ".json") or p.stem.endswith("_results"))
     ]
     assert not loose, loose
+
+
+# --- reference tables against the code ------------------------------------------------------
+
+
+def test_operations_guide_lists_every_metric_with_its_labels_and_type():
+    from prometheus_client.metrics import MetricWrapperBase
+
+    import service.metrics
+
+    guide = (DOCS / "operations.md").read_text()
+    section = guide.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(sepconv_\w+)(?:\{([\w,]*)\})?` \| ([\w ()]+) \|", section, re.M)
+    documented = {
+        name: (tuple(filter(None, labels.split(","))), kind) for name, labels, kind in rows
+    }
+    served = {}
+    for metric in vars(service.metrics).values():
+        if isinstance(metric, MetricWrapperBase):
+            kind = type(metric).__name__.lower()
+            name = metric._name + ("_total" if kind == "counter" else "")
+            served[name] = (tuple(metric._labelnames), kind)
+    assert set(documented) == set(served), (
+        f"missing: {sorted(set(served) - set(documented))}, "
+        f"not served: {sorted(set(documented) - set(served))}"
+    )
+    for name, (labels, kind) in served.items():
+        shown_labels, shown_kind = documented[name]
+        assert shown_labels == labels, name
+        assert kind in shown_kind, name
+
+
+def test_protocols_guide_lists_every_error_code():
+    """Each `error` code the server answers with is in docs/protocols.md's table of them."""
+    source = "\n".join(p.read_text() for p in (ROOT / "service").rglob("*.py"))
+    raised = set(re.findall(r'\bcode(?:, status_code)? ?= ?"([a-z_]+)"', source))
+    assert {"invalid_image", "overloaded", "not_found"} <= raised, raised
+    guide = (DOCS / "protocols.md").read_text()
+    table = [line for line in guide.splitlines() if re.match(r"\| \d{3} \| `", line)]
+    listed = {code for line in table for code in re.findall(r"`([a-z_]+)`", line.split("|")[2])}
+    assert not raised - listed, sorted(raised - listed)
