@@ -126,8 +126,16 @@ def names_a_test(test_id: str) -> bool:
 
 def make_dry_run(*args: str) -> list[str]:
     """The commands `make ARGS` would run, printed by `make -n` (nothing is run)."""
+    # Under `make test` this is a sub-make: without its parent's flags, nor directory banners.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     done = subprocess.run(
-        ["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True
+        ["make", "--no-print-directory", "-n", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     return done.stdout.splitlines()
 
