@@ -8,7 +8,7 @@ Workloads (``python -m bench WORKLOAD --help`` for each one's flags):
 - ``reload``: new model versions loaded under load (API and polling), then RSS over
   load/unload cycles.
 
-Every point is bounded in time and request count; reports go to ``docs/`` (``--out``).
+Every point is bounded in time and request count; reports go to ``docs/results/`` (``--out``).
 """
 
 from __future__ import annotations

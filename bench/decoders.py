@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from bench import RESULTS
 from bench.photos import photo_jpeg
 from sepconv import jpeg
 from sepconv.preprocess import Preprocessing, load, normalize, open_image, prepare
@@ -156,7 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         default=1.0,
         help="multiply the images timed per round (default: %(default)s, about 20 s in all)",
     )
-    ap.add_argument("--out", type=Path, help="also write the Markdown table here")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS / "decoders_results.md",
+        help="also write the Markdown table here (default: %(default)s)",
+    )
     args = ap.parse_args(argv)
     if not jpeg.available():
         print("simplejpeg is not installed: pip install simplejpeg", file=sys.stderr)

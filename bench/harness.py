@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import loadgen
+from bench import RESULTS, loadgen
 from bench.models import (
     BenchModel,
     custom_model,
@@ -134,7 +134,9 @@ def add_common_arguments(p: argparse.ArgumentParser, workload: Workload) -> None
         help="run the server from this checkout instead (an A/B against another commit)",
     )
     out = p.add_argument_group("report")
-    out.add_argument("--out", type=Path, default=Path("docs"), help="where the report goes")
+    out.add_argument(
+        "--out", type=Path, default=RESULTS, help="where the report goes (default: %(default)s)"
+    )
     out.add_argument(
         "--name",
         help=f"report file prefix: OUT/NAME_results.md ({workload.report_name or workload.name})",

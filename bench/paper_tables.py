@@ -8,7 +8,7 @@ counted on a real export with every separable pair replaced by a standard 3x3 co
 figure. The printed figures below are the only numbers typed in by hand; everything else is
 counted.
 
-    .venv/bin/python bench/paper_tables.py            # Markdown, as pasted into the README
+    .venv/bin/python bench/paper_tables.py            # Markdown, as pasted into docs/cost.md
     .venv/bin/python bench/paper_tables.py --json     # the raw counts
 
 Needs the build extra (torch); a few seconds per export.

@@ -14,7 +14,7 @@ drains, exits, and is started again on the same port; the load runs until A is b
 rotation. Every request is counted: an answer other than 200, or a connection error, is a
 failure. Goodput is counted in 250 ms bins.
 
-    python -m bench.rolling                   # both modes, drain 3 s vs none -> docs/
+    python -m bench.rolling                   # both modes, drain 3 s vs none -> docs/results/
     python -m bench.rolling --modes tcp --drain 3 --rate 200 --concurrency 8
 
 tests/test_rolling_update.py runs a short one in CI and requires zero failures.
@@ -39,6 +39,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from bench import RESULTS
 from bench.server import ServerProcess, free_port
 
 BIN_S = 0.25
@@ -292,7 +293,12 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--rate", type=float, default=200.0)
     ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--out", type=Path, default=Path("docs/rolling_update.json"))
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS / "rolling_update.json",
+        help="the report (default: %(default)s)",
+    )
     args = ap.parse_args()
     # Stopped from outside: unwind the with-blocks, so no replica or HAProxy outlives the run.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -4,8 +4,8 @@ server, then the report.
 For each model: measure raw ONNX Runtime in-process at batch 1 and the server's max batch,
 start ``python -m service`` on loopback with the given settings, run a closed-loop point per
 concurrency level and open-loop points at fractions of the best closed-loop rate, stop the
-server, and check the targets. Writes ``docs/bench_results.md``, ``docs/bench_results.json``
-and ``docs/bench_<model>.png``.
+server, and check the targets. Writes ``docs/results/bench_results.md``,
+``docs/results/bench_results.json`` and ``docs/results/bench_<model>.png``.
 
 Every point is bounded by ``--duration`` and ``--max-requests``; the whole run by their sum.
 """

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import orjson
 
+from bench import RESULTS
 from bench.models import DEFAULT_MODEL, default_model, normalized_batch
 
 
@@ -203,7 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--per-round", type=int, default=200)
-    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument(
+        "--json",
+        type=Path,
+        default=RESULTS / "tracing_overhead.json",
+        help="also write the results here (default: %(default)s)",
+    )
     args = ap.parse_args(argv)
     micro = asyncio.run(measure_middleware(args.rounds, 50 * args.per_round))
     print(

@@ -87,7 +87,7 @@ def _add_build_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="train a few batches, test on a few hundred images (CI smoke)",
     )
-    o = p.add_argument_group("optimisation (docs/optimization.md measures each)")
+    o = p.add_argument_group("optimisation (docs/results/optimization.md measures each)")
     o.add_argument(
         "--conv",
         choices=("separable", "standard"),

@@ -5,7 +5,7 @@ training images (activation ranges from MinMax), and rewritten in QDQ format: OR
 fuses each ``DequantizeLinear -> Conv -> QuantizeLinear`` into an integer ``QLinearConv`` at load
 time, so the same file runs everywhere ORT does and the graph stays readable.
 
-The defaults below were chosen by measuring on this project's MobileNetV1 (docs/benchmark.md,
+The defaults below were chosen by measuring on this project's MobileNetV1 (docs/benchmarks.md,
 "INT8"): QDQ + uint8 activations + int8 per-channel weights, full 8-bit range (the CPUs we serve
 on have VNNI, so ``reduce_range`` only costs accuracy), every Conv and the classifier quantized.
 """

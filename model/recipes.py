@@ -92,7 +92,7 @@ class BuildConfig(BaseModel):
 RECIPES: dict[str, dict[str, Any]] = {
     # The default: a 2-core CPU builds it in about five minutes. Eight epochs leave the network
     # still underfitting, so it gets only flips: random crops cost 1.4 points of test accuracy
-    # at this budget (90.6% against 92%, see the README).
+    # at this budget (90.6% against 92%, see docs/building.md).
     "quick": {},
     # For a GPU: wider, longer, stronger augmentation (random erasing) and SGD + Nesterov.
     "full": {

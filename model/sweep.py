@@ -10,7 +10,7 @@ sweep resumes where it stopped and a finished one rebuilds nothing.
 Per model file the sweep records the ONNX Runtime test accuracy (measured by the build's
 verification, read from the model's metadata), the exact mult-adds and parameters (the cost
 report), and latency at batch 1 and throughput at batch 32 through ONNX Runtime on this machine.
-:mod:`model.sweep_report` turns the rows into ``docs/optimization.md`` and its plot.
+:mod:`model.sweep_report` turns the rows into ``docs/results/optimization.md`` and its plot.
 """
 
 from __future__ import annotations
@@ -420,7 +420,7 @@ def _machine() -> str:
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "sweep",
-        help="build and measure the optimisation variants; write docs/optimization.md",
+        help="build and measure the optimisation variants; write docs/results/optimization.md",
         description=__doc__.splitlines()[0],
     )
     p.add_argument(
@@ -438,8 +438,8 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--doc",
         type=Path,
-        default=Path("docs/optimization.md"),
-        help="the report to write (its plot goes beside it as .png)",
+        default=Path("docs/results/optimization.md"),
+        help="the report to write, its plot beside it as .png (default: %(default)s)",
     )
     p.add_argument(
         "--only",

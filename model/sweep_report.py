@@ -1,5 +1,6 @@
-"""``docs/optimization.md`` and its plot from the sweep's rows: the table, the Pareto frontier and
-what each optimisation bought, every figure computed from the rows (nothing typed in by hand).
+"""``docs/results/optimization.md`` and its plot from the sweep's rows: the table, the Pareto
+frontier and what each optimisation bought, every figure computed from the rows (nothing typed
+in by hand).
 """
 
 from __future__ import annotations

@@ -23,6 +23,8 @@ command -v debootstrap >/dev/null || need_apt+=(debootstrap)
 command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)
 # The web page's browser test (tests/test_web_ui.py): Playwright drives Debian's Chromium.
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
+# The README's commands (tests/test_docs.py runs them against a server).
+command -v curl >/dev/null || need_apt+=(curl)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need_apt[*]}"
   as_root apt-get update -qq

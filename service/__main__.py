@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sepconv-serve",
         description="Serve an ONNX MobileNetV1. Every setting is also a SEPCONV_* env var "
-        "(see README, Serving).",
+        "(see docs/serving.md).",
     )
     for flags, env in FLAGS.items():
         parser.add_argument(*flags, dest=env, help=f"overrides {env}")

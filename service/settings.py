@@ -149,7 +149,7 @@ class Settings(BaseSettings):
     tracing: bool = Field(
         False,
         description="Export OpenTelemetry traces of inference requests; the exporter is "
-        "configured by the standard OTEL_* variables (README, Tracing).",
+        "configured by the standard OTEL_* variables (docs/protocols.md, Tracing).",
     )
     drain_delay_s: float = Field(
         0.0,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -336,3 +337,31 @@ def test_a_workload_is_registered_by_its_name(tiny_model_path, tmp_path, monkeyp
     results = json.loads((tmp_path / "trial_results.json").read_text())
     assert [(m["key"], m["knob"]) for m in results["models"]] == [("model", 3)]  # file stem
     assert results["environment"]["command"].startswith("python -m bench trial --models")
+
+
+def test_reports_go_to_docs_results_by_default(monkeypatch, capsys):
+    """Every benchmark writes its report under docs/results/ unless told otherwise."""
+    from bench import decoders, rolling, tracing_overhead
+    from bench.peers.__main__ import parse_args as peers_args
+    from model import cli as model_cli
+
+    results = Path("docs/results")
+    assert {parse_args([w])[1].out for w in WORKLOADS} == {results}
+    assert peers_args([]).out == results
+    monkeypatch.setattr("sys.argv", ["python -m bench.rolling", "--help"])
+    for main in (
+        rolling.main,
+        lambda: decoders.main(["--help"]),
+        lambda: tracing_overhead.main(["--help"]),
+        lambda: model_cli.main(["sweep", "--help"]),
+    ):
+        with pytest.raises(SystemExit):
+            main()
+    shown = " ".join(capsys.readouterr().out.split())
+    for report in (
+        "rolling_update.json",
+        "decoders_results.md",
+        "tracing_overhead.json",
+        "optimization.md",
+    ):
+        assert f"{results / report}" in shown, report

@@ -380,7 +380,7 @@ def test_paper_table_6_and_2_figures_for_1_0_224(paper_224):
     assert round(t.params / 1e6, 1) == 4.2  # Table 6: 4.2M
     # Table 4: Conv MobileNet 4866M mult-adds, 29.3M params.
     assert round(t.full_conv_params / 1e6, 1) == 29.3
-    assert abs(t.full_conv_mult_adds / 1e6 - 4866) < 2  # 4867.29M exact, see the README
+    assert abs(t.full_conv_mult_adds / 1e6 - 4866) < 2  # 4867.29M exact, see docs/cost.md
     shares = {s.label: s for s in report.shares}
     # Table 2, per cent of mult-adds and of params.
     for label, macs_pct, params_pct in [

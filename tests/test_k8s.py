@@ -71,7 +71,7 @@ def rendered(tmp_path_factory) -> dict[str, list[dict]]:
     out = {name: kustomize(K8S / "overlays" / name) for name in OVERLAYS}
     out["kserve"] = kustomize(K8S / "kserve")
     # The image-volume model source is a component no shipped overlay uses: render it on the
-    # cpu overlay, as the README tells users to.
+    # cpu overlay, as docs/deployment.md tells users to.
     variant = tmp_path_factory.mktemp("model-image")
     (variant / "kustomization.yaml").write_text(
         yaml.safe_dump(

@@ -4,7 +4,7 @@ For each model, each round, each server in turn (the order rotates between round
 background load does not always hit the same server): start it on loopback, check one answer
 against the model, measure closed-loop points (c=1 and c=32 by default) with
 :mod:`bench.loadgen`, stop it. Raw ONNX Runtime is measured in-process as the ceiling. Writes
-``docs/peers_results.md`` and ``docs/peers_results.json``.
+``docs/results/peers_results.md`` and ``docs/results/peers_results.json``.
 
 KServe runs from its own venv, created on first use under ``~/.cache/sepconv-serve/peers``
 (needs the package index; ``--no-install`` refuses instead, ``--servers`` without ``kserve``
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import harness, loadgen, raw_ort
+from bench import RESULTS, harness, loadgen, raw_ort
 from bench.harness import cpu_name, ints, resolve_models
 from bench.models import BenchModel, sample_images
 from bench.peers import contenders, results, venvs
@@ -86,7 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-install", action="store_true", help="fail instead of creating a missing peer venv"
     )
     p.add_argument("--note", default="", help="a sentence on the run conditions, for the report")
-    p.add_argument("--out", type=Path, default=Path("docs"), help="where the report goes")
+    p.add_argument(
+        "--out", type=Path, default=RESULTS, help="where the report goes (default: %(default)s)"
+    )
     p.add_argument("--name", default="peers", help="report file prefix: OUT/NAME_results.md")
     args = p.parse_args(argv)
     if args.rounds < 1:

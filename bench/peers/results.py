@@ -1,7 +1,7 @@
 """From measured points to the comparison issue 11 targets: medians, ratios, markdown.
 
 Pure functions over the JSON the run writes, so the table can be rebuilt from
-``docs/peers_results.json`` and tested on made-up numbers.
+``docs/results/peers_results.json`` and tested on made-up numbers.
 """
 
 from __future__ import annotations
