@@ -175,24 +175,37 @@ def test_ratios_and_which_targets_bind():
         [
             _run("sepconv", "v1", 0.8, 950.0),
             _run("sepconv", "oip-json", 0.9, 700.0),
+            _run("sepconv", "oip-binary", 0.85, 960.0),
             _run("fastapi", "v1", 1.0, 300.0),
             _run("kserve", "oip-json", 5.0, 400.0),
         ]
     )
-    default = {r["key"]: r for r in results.ratios("default", rows, RAW)}
-    assert default["c1_p50_vs_fastapi"]["ratio"] == pytest.approx(0.8)
-    assert default["c1_p50_vs_fastapi"]["met"] is True
+    raw = [*RAW, {**RAW[0], "role": "lone", "batch_latency_ms_p50": 0.75}]
+    default = {r["key"]: r for r in results.ratios("default", rows, raw)}
+    assert default["c1_p50_vs_best_peer"]["ratio"] == pytest.approx(0.8)  # fastapi's 1.0 ms
+    assert default["c1_p50_vs_best_peer"]["met"] is True
+    assert default["c32_vs_best_peer"]["ratio"] == pytest.approx(950 / 400)  # KServe's 400/s
+    assert default["c32_vs_best_peer"]["met"] is True and default["c32_vs_best_peer"]["target"]
+    # Raw's largest batch (8 here, 1000 img/s), not the lone-request point.
+    assert default["c32_vs_raw_batch"]["ratio"] == pytest.approx(0.95)
+    assert default["c32_vs_raw_batch"]["met"] is True
     assert default["c32_vs_kserve"]["ratio"] == pytest.approx(1.75)  # same OIP request
-    assert default["c32_vs_kserve"]["met"] is False  # target 2x binds on the default model
-    assert default["c32_v1_vs_kserve"]["ratio"] == pytest.approx(2.375)
-    assert default["c32_v1_vs_kserve"]["met"] is None  # information only
-    assert default["c32_vs_raw"]["ratio"] == pytest.approx(0.95)  # best raw batch, 1000/s
-    assert default["c32_vs_raw"]["met"] is None  # the raw target binds on 224 only
-    assert default["c1_p50_vs_raw"]["ratio"] == pytest.approx(0.8)
+    assert default["c32_vs_kserve"]["met"] is None  # information only now
+    assert default["c32_v1_vs_raw"]["met"] is None  # the raw targets bind on 224 only
+    assert default["c1_p50_vs_raw_lone"]["met"] is None
 
-    big = {r["key"]: r for r in results.ratios("224", rows, RAW)}
-    assert big["c32_vs_raw"]["met"] is True and big["c32_vs_raw"]["target"] == ">= 0.90x"
-    assert big["c32_vs_kserve"]["met"] is None
+    big = {r["key"]: r for r in results.ratios("224", rows, raw)}
+    assert big["c1_p50_vs_raw_lone"]["ratio"] == pytest.approx(0.8 / 0.75, abs=1e-3)
+    assert big["c1_p50_vs_raw_lone"]["met"] is True and big["c1_p50_vs_raw_lone"]["target"]
+    assert big["c32_v1_vs_raw"]["ratio"] == pytest.approx(0.95)
+    assert big["c32_v1_vs_raw"]["met"] is True and big["c32_v1_vs_raw"]["target"] == ">= 0.95x"
+    assert big["c32_oip_binary_vs_raw"]["met"] is True
+    assert big["c32_vs_best_peer"]["met"] is None
+
+    slow = results.aggregate([_run("sepconv", "v1", 2.0, 100.0), _run("fastapi", "v1", 1.0, 300.0)])
+    worse = {r["key"]: r for r in results.ratios("default", slow, raw)}
+    assert worse["c1_p50_vs_best_peer"]["met"] is False
+    assert worse["c32_vs_best_peer"]["met"] is False
 
     # A server left out of the run leaves its comparisons out, not a division by nothing.
     only = results.aggregate([_run("sepconv", "v1", 0.8, 950.0)])
@@ -227,8 +240,9 @@ def test_markdown_report():
     text = results.markdown(report)
     assert "| sepconv-serve, no settings | `v1` | 0.80 | 1,250 | 20.00 | 950 | 60.00 | 0 |" in text
     assert "| KServe ModelServer | `oip-json` |" in text
-    assert "2.25x | 900.00 vs 400.00 req/s | >= 2.00x | yes |" in text
-    assert "## Targets" in text and "| default | sepconv c=1 p50" in text
+    # /v1 at 950 req/s against the best peer's 400 (KServe), target 2x on the default model.
+    assert "2.38x | 950.00 vs 400.00 req/s | >= 2.00x | yes |" in text
+    assert "## Targets" in text and "| default | sepconv /v1 c=1 p50" in text
     assert "KServe 9" in text and "Shared machine." in text
 
 

@@ -121,7 +121,12 @@ def measure_server(
                     f"server log {log_path}:\n{srv.log_tail()}"
                 ) from exc
             target = loadgen.Target(
-                srv.host, srv.port, requests.path, requests.bodies, requests.content_type
+                srv.host,
+                srv.port,
+                requests.path,
+                requests.bodies,
+                requests.content_type,
+                requests.headers,
             )
             points = []
             for c in args.concurrency:
@@ -154,9 +159,24 @@ def measure_raw(model: BenchModel, args: argparse.Namespace) -> list[dict[str, A
 
     settings = Settings(model_path=model.path)
     batches = sorted({1, 8, settings.max_batch_size})
-    out = [raw_ort.measure(settings, b, duration_s=args.raw_duration).summary() for b in batches]
+    out = [
+        {
+            **raw_ort.measure(settings, b, duration_s=args.raw_duration).summary(),
+            "role": "throughput",
+        }
+        for b in batches
+    ]
+    # One image on one session with every core: the latency a lone request could have.
+    lone = raw_ort.measure(
+        Settings(model_path=model.path, workers=1), 1, duration_s=args.raw_duration
+    )
+    out.append({**lone.summary(), "role": "lone"})
     for r in out:
-        log.info("  raw ORT batch %(batch)d: %(images_per_s).1f img/s", r)
+        log.info(
+            "  raw ORT batch %(batch)d, %(sessions)d x %(intra_op_threads)d threads: "
+            "%(images_per_s).1f img/s, p50 %(batch_latency_ms_p50).2f ms",
+            r,
+        )
     return out
 
 

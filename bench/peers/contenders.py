@@ -1,6 +1,6 @@
 """The servers compared, how each is started, and the requests each is sent.
 
-Two request formats, each the one a user of that server sends:
+Three request formats, each one a user of that server sends:
 
 - ``v1``: ``POST /v1/classify`` with the encoded image as the raw body (PNG for greyscale
   models, JPEG for RGB, the bodies :func:`bench.models.sample_images` makes). sepconv-serve and
@@ -8,6 +8,8 @@ Two request formats, each the one a user of that server sends:
 - ``oip-json``: ``POST /v2/models/{name}/infer`` with the same image base64-encoded in a BYTES
   input, top 5 requested through the classification extension: what KServe's REST examples
   send for an image. sepconv-serve answers it too, so the two are compared on identical bytes.
+- ``oip-binary``: the same request with the image as binary tensor data after the JSON
+  (Triton's extension; what ``tritonclient`` sends), for sepconv-serve only.
 """
 
 from __future__ import annotations
@@ -25,12 +27,17 @@ import numpy as np
 import bench
 from bench.models import BenchModel, image_format, sample_images
 from bench.server import ManagedServer, free_port
+from service.protocols import oip
 
 REPO_ROOT = Path(bench.__file__).resolve().parent.parent
 TOP_K = 5
 SERVERS = ("sepconv", "fastapi", "kserve")
 #: What each server is measured with, first protocol first.
-PROTOCOLS = {"sepconv": ("v1", "oip-json"), "fastapi": ("v1",), "kserve": ("oip-json",)}
+PROTOCOLS = {
+    "sepconv": ("v1", "oip-json", "oip-binary"),
+    "fastapi": ("v1",),
+    "kserve": ("oip-json",),
+}
 TITLES = {
     "sepconv": "sepconv-serve, no settings",
     "fastapi": "plain FastAPI + ORT",
@@ -44,6 +51,7 @@ class Requests:
     path: str
     bodies: tuple[bytes, ...]
     content_type: str
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -112,10 +120,40 @@ def requests_for(protocol: str, model: BenchModel, count: int = 64) -> Requests:
     images = sample_images(model.spec, count=count)
     if protocol == "v1":
         return Requests("/v1/classify", tuple(images), image_format(model.spec)[1])
+    path = f"/v2/models/{model.spec.name}/infer"
     if protocol == "oip-json":
-        path = f"/v2/models/{model.spec.name}/infer"
         return Requests(path, tuple(oip_json_body(i) for i in images), "application/json")
-    raise ValueError(f"unknown protocol {protocol!r}; expected v1 or oip-json")
+    if protocol == "oip-binary":
+        bodies = [oip_binary_body(i) for i in images]
+        lengths = {header for header, _ in bodies}
+        if len(lengths) != 1:
+            raise RuntimeError("OIP headers differ in length across the sample images")
+        return Requests(
+            path,
+            tuple(body for _, body in bodies),
+            oip.BINARY_CONTENT_TYPE,
+            ((oip.HEADER_LENGTH, str(lengths.pop())),),
+        )
+    raise ValueError(f"unknown protocol {protocol!r}; expected v1, oip-json or oip-binary")
+
+
+def oip_binary_body(image: bytes, top_k: int = TOP_K) -> tuple[int, bytes]:
+    """(JSON header length, body): the image as binary BYTES data after the JSON (Triton's
+    binary tensor extension, what tritonclient sends), the top ``top_k`` asked for in JSON."""
+    data = oip.serialize_bytes([image])
+    doc = {
+        "inputs": [
+            {
+                "name": oip.IMAGE_INPUT,
+                "shape": [1],
+                "datatype": "BYTES",
+                "parameters": {"binary_data_size": len(data)},
+            }
+        ],
+        "outputs": [{"name": oip.OUTPUT_NAME, "parameters": {"classification": top_k}}],
+    }
+    header = json.dumps(doc, separators=(",", ":")).encode()
+    return len(header), header + data
 
 
 def top1(protocol: str, answer: bytes) -> tuple[int, float]:
@@ -129,9 +167,8 @@ def top1(protocol: str, answer: bytes) -> tuple[int, float]:
 
 
 def post(base_url: str, requests: Requests, body: bytes, timeout_s: float = 30.0) -> bytes:
-    request = urllib.request.Request(
-        base_url + requests.path, data=body, headers={"Content-Type": requests.content_type}
-    )
+    headers = {"Content-Type": requests.content_type, **dict(requests.headers)}
+    request = urllib.request.Request(base_url + requests.path, data=body, headers=headers)
     with urllib.request.urlopen(request, timeout=timeout_s) as response:
         return response.read()
 
