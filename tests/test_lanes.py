@@ -86,3 +86,17 @@ def test_no_lone_session_when_it_would_not_have_more_threads(tiny_model_path):
     assert runtime.lone_session is None and runtime.lone_threads == 0
     runtime.alone = lambda: True
     assert runtime.run(np.zeros((1, *runtime.input_shape), np.float32)).shape == (1, 3)
+
+
+def test_a_batch_over_the_run_memory_budget_runs_in_pieces(tiny_model_path):
+    runtime = open_runtime(Settings(model_path=tiny_model_path), tiny_model_path)
+    per_image = runtime.cost_report().activation_bytes_per_image()
+    assert per_image > 0
+    x = np.random.default_rng(0).standard_normal((10, *runtime.input_shape)).astype(np.float32)
+    whole = runtime.run(x)
+    assert runtime.limit_run_memory(per_image * 3 + 1) == 3
+    spy = runtime.session = Spy(runtime.session)
+    pieces = runtime.run(x)
+    assert spy.runs == 4  # 3 + 3 + 3 + 1 images
+    np.testing.assert_allclose(whole, pieces, rtol=1e-5, atol=1e-6)
+    assert runtime.time_batch(7, runs=1) > 0 and spy.runs == 7  # timed in pieces too

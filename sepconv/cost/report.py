@@ -178,3 +178,19 @@ class CostReport(_Model):
     totals: Totals
     shares: list[KindShare]
     profile: ProfileReport | None = None
+
+    def activation_bytes_per_image(self, itemsize: int = 4) -> int:
+        """The largest input plus output of one layer for one image, in bytes: what a run
+        holds at its peak for each image of its batch (float32 activations by default)."""
+
+        def elements(channels: int, h: int | None, w: int | None) -> int:
+            return channels * (h or 1) * (w or 1)
+
+        return itemsize * max(
+            (
+                elements(layer.input_channels, layer.input_h, layer.input_w)
+                + elements(layer.output_channels, layer.output_h, layer.output_w)
+                for layer in self.layers
+            ),
+            default=0,
+        )

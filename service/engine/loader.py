@@ -129,6 +129,8 @@ class Loader:
         s = self.settings
         runtime = open_runtime(s, vf.path, name=name, version=vf.version)
         try:
+            if s.run_memory_mb:
+                runtime.limit_run_memory(s.run_memory_mb * 2**20)
             runtime.warm_up((1, s.max_batch_size), runs=s.warmup_runs)
             # Admission control predicts waits from the measured time per image; until
             # requests have been measured, a full batch timed now stands in. The single-image
