@@ -365,3 +365,17 @@ def test_reports_go_to_docs_results_by_default(monkeypatch, capsys):
         "optimization.md",
     ):
         assert f"{results / report}" in shown, report
+
+
+def test_lone_request_design_study_writes_its_table(tiny_model_path, tmp_path):
+    from bench import lone_request
+
+    assert lone_request.handoff_us((1, 1, 28, 28), rounds=50) > 0
+    assert (
+        lone_request.main(
+            ["--models", str(tiny_model_path), "--duration", "0.2", "--out", str(tmp_path)]
+        )
+        == 0
+    )
+    text = (tmp_path / "lone_request.md").read_text()
+    assert "| design 2 / design 1 |" in text and " us | " in text
