@@ -15,6 +15,9 @@ state instead of a server silently running at half capacity.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import logging
 import logging.config
 import multiprocessing
@@ -29,6 +32,8 @@ from typing import Any
 
 log = logging.getLogger("service.supervisor")
 
+#: prctl(2): the signal a process gets when its parent dies.
+PR_SET_PDEATHSIG = 1
 #: How long a worker gets after the graceful-shutdown window before it is killed.
 KILL_AFTER_GRACE_S = 5.0
 
@@ -71,11 +76,24 @@ def bind_reuseport(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker_main(index: int, uvicorn_kwargs: dict[str, Any]) -> None:
+def _die_with_parent(parent: int) -> None:
+    """SIGTERM this worker when the supervisor dies, however it dies (Linux): a supervisor
+    killed with SIGKILL cannot stop its workers, which would otherwise serve on, unsupervised,
+    holding their port and memory."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker_main(index: int, uvicorn_kwargs: dict[str, Any], parent: int) -> None:
     """Entry point of one spawned worker: its own socket, then a uvicorn server that drains on
     SIGTERM (service.drain) like a single-process one."""
     from service.server import serve
     from service.settings import Settings
+
+    _die_with_parent(parent)
 
     # The service's logging (uvicorn applies the same ``log_config`` again when it starts).
     logging.config.dictConfig(uvicorn_kwargs["log_config"])
@@ -121,7 +139,9 @@ def run_workers(
     # spawn, not fork: a forked child would inherit this process's threads and locks half-held.
     ctx = multiprocessing.get_context("spawn")
     procs = [
-        ctx.Process(target=_worker_main, args=(i, uvicorn_kwargs), name=f"sepconv-worker-{i}")
+        ctx.Process(
+            target=_worker_main, args=(i, uvicorn_kwargs, os.getpid()), name=f"sepconv-worker-{i}"
+        )
         for i in range(workers)
     ]
     stopping = False

@@ -122,6 +122,21 @@ def test_a_dead_worker_stops_the_server_with_an_error(two_workers):
     assert "stopping the others" in two_workers.log_tail()
 
 
+def test_workers_stop_when_the_supervisor_is_killed(two_workers):
+    """SIGKILL gives the supervisor no chance to stop its workers: they must notice alone,
+    not serve on unsupervised."""
+    proc = two_workers.proc
+    workers = _workers(proc.pid)
+    proc.kill()
+    _wait_exit(proc, 10)
+
+    def gone(pid: int) -> bool:
+        stat = Path(f"/proc/{pid}/stat")
+        return not stat.exists() or ") Z " in stat.read_text()
+
+    wait_until(lambda: all(gone(pid) for pid in workers), "the workers outlived the supervisor")
+
+
 def test_busy_port_is_a_clear_error_at_once(tmp_path, tiny_model_path):
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
