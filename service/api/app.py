@@ -160,6 +160,9 @@ def create_app(
         version=sepconv.__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        # The service has its own traces and metrics. FastAPI's would duplicate them once any
+        # OpenTelemetry provider is configured, and checking whether one is costs every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.tracing = tracing
