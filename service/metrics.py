@@ -89,10 +89,11 @@ BATCH_QUEUE_DEPTH = Gauge(
 )
 REFUSAL_HOLD = Histogram(
     "sepconv_refusal_hold_seconds",
-    "How long refusals were held back before their 429, when they came faster than "
-    "SEPCONV_REFUSAL_RATE_FACTOR x the model's rate (clients retrying without waiting).",
+    "How long refusals were held back before their 429 (until their Retry-After), when they "
+    "came faster than SEPCONV_REFUSAL_RATE_FACTOR x the model's rate (clients retrying "
+    "without waiting).",
     MODEL,
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+    buckets=(0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0),
 )
 BATCH_REJECTED = Counter(
     "sepconv_batch_rejected_total",
