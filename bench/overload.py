@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import harness, loadgen, raw_ort, report
+from bench import harness, hey, loadgen, raw_ort, report
 from bench.cpu import process_group_cpu
 from bench.harness import Args, Workload
 from bench.models import BenchModel
@@ -192,6 +192,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_STORM,
         help=f"closed-loop clients that resend at once, refused or not ({DEFAULT_STORM}; 0: none)",
     )
+    p.add_argument(
+        "--storm-client",
+        choices=("loadgen", "hey"),
+        default="loadgen",
+        help="what sends the storm: our load generator, or hey (the issues' tool, about ten "
+        "times our CPU per request, taken from the same cores) (loadgen)",
+    )
     p.add_argument("--pause", type=float, default=2.0, help="idle seconds between loads (2)")
     p.add_argument("--idle", type=float, default=5.0, help="idle seconds at the end (5)")
     p.add_argument(
@@ -212,6 +219,8 @@ def check_args(parser: argparse.ArgumentParser, args: Args) -> None:
         parser.error("--factors none needs a --storm")
     if args.soak and not args.factors:
         parser.error("--soak runs at the first of --factors")
+    if args.storm and args.storm_client == "hey" and not hey.available():
+        parser.error("--storm-client hey: hey is not installed (Debian: apt-get install hey)")
 
 
 def load_seconds(args: Args) -> float:
@@ -262,18 +271,22 @@ def _storm_point(target: loadgen.Target, args: Args, sampler: RssSampler, capaci
     sampler.mark(f"storm c={args.storm}")
     start = sampler.now()
     cpu0, wall0 = process_group_cpu(sampler.pgid), time.perf_counter()
-    result = loadgen.run(
-        loadgen.closed_loop(
-            target,
-            concurrency=args.storm,
-            duration_s=args.factor_duration,
-            timeout_s=args.timeout,
+    if args.storm_client == "hey":
+        result = hey.closed_loop(target, concurrency=args.storm, duration_s=args.factor_duration)
+    else:
+        result = loadgen.run(
+            loadgen.closed_loop(
+                target,
+                concurrency=args.storm,
+                duration_s=args.factor_duration,
+                timeout_s=args.timeout,
+            )
         )
-    )
     wall = time.perf_counter() - wall0
     server_cpu = process_group_cpu(sampler.pgid) - cpu0
     storm = _point(result, 0.0, 0.0, capacity)
     storm.update(
+        client=args.storm_client,
         clients=args.storm,
         seconds=args.factor_duration,
         refused_per_s=round(storm["refused"] / result.duration_s, 1),
@@ -475,7 +488,7 @@ def markdown(results: dict) -> str:
             lines += [
                 "",
                 f"Retry storm: {storm['clients']} closed-loop clients that resend at once, "
-                "refused or not, for "
+                f"refused or not ({storm.get('client', 'loadgen')}), for "
                 f"{storm['seconds']:g} s: goodput {storm['goodput_per_s']:,.1f}/s "
                 f"({storm['goodput_fraction']:.2f}x of capacity), accepted p50/p99 "
                 f"{storm['accepted_p50_ms']:.1f}/{storm['accepted_p99_ms']:.1f} ms, "

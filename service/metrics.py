@@ -16,7 +16,11 @@ import time
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Summary
 from prometheus_client import multiprocess as _multiprocess
 
+from service import metric_values
 from service.engine.observer import EngineObserver, RepositoryObserver
+
+# With several workers, every value below writes to the shared files in batches.
+metric_values.install()
 
 MODEL = ["model", "version"]
 #: Sub-millisecond to seconds: a 28px image takes ~0.1 ms to preprocess, a 224px batch ~100 ms.
@@ -148,6 +152,7 @@ def exposition_registry() -> CollectorRegistry:
     """The registry /metrics renders: all workers' files when there are several, else ours."""
     if not multiprocess_enabled():
         return REGISTRY
+    metric_values.flush()  # this process's latest, the others' at most a flush interval old
     registry = CollectorRegistry()
     _multiprocess.MultiProcessCollector(registry)
     return registry
@@ -156,6 +161,7 @@ def exposition_registry() -> CollectorRegistry:
 def mark_process_dead() -> None:
     """Drop this worker's live gauges from the shared files when it exits."""
     if multiprocess_enabled():
+        metric_values.flush()
         _multiprocess.mark_process_dead(os.getpid())
 
 
