@@ -2,7 +2,7 @@
 
 Names follow Prometheus conventions: base units (seconds), ``_total`` on counters, and the
 ``route`` label is the route template (``/v2/models/{name}/infer``), never the raw path
-(:class:`service.api.middleware.MetricsMiddleware` records HTTP traffic). Every series the
+(:class:`service.api.middleware.ServiceMiddleware` records HTTP traffic). Every series the
 engine writes carries the ``model`` and ``version`` it is about: each loaded version has its own
 :class:`PrometheusObserver`, which binds the label children once, off the hot path.
 """
