@@ -6,7 +6,9 @@ Workloads (``python -m bench WORKLOAD --help`` for each one's flags):
 - ``overload``: capacity, then open-loop load at multiples of it and a retry storm;
 - ``photos``: generated camera-sized JPEGs, optionally A/B against another checkout;
 - ``reload``: new model versions loaded under load (API and polling), then RSS over
-  load/unload cycles.
+  load/unload cycles;
+- ``cpu``: the server's CPU per request over a fixed number of requests, optionally A/B against
+  another checkout.
 
 Every point is bounded in time and request count; reports go to ``docs/results/`` (``--out``).
 """
@@ -24,7 +26,7 @@ from bench.harness import Workload
 #: The subcommands, each ``bench/<name>.py`` with a ``WORKLOAD`` (:class:`harness.Workload`);
 #: the first is what ``python -m bench`` runs without one. A new workload is its module plus one
 #: more name here.
-WORKLOADS = ("sweep", "overload", "photos", "reload")
+WORKLOADS = ("sweep", "overload", "photos", "reload", "cpu")
 
 #: The flags of the single command this replaced, and what they became.
 LEGACY_WORKLOAD_FLAGS = {"--overload": "overload", "--photos": "photos"}

@@ -9,7 +9,9 @@ sampled all along (every worker process summed), including after the load stops.
 
 ``--storm N`` adds a closed loop of N clients that resend the moment they are answered,
 refused or not (what ``hey -c N`` does, ignoring ``Retry-After``): the retry storm an open loop
-never shows, since every refusal there is one request less instead of one more.
+never shows, since every refusal there is one request less instead of one more. Its point also
+gives the CPU the server's processes and the load generator took during the storm (they share
+the cores). ``--factors none`` measures the capacity and the storm only.
 
 The load generator shares the machine's cores with the server: at high offered rates it may not
 keep its schedule, which the ``late sends`` column shows (a late send is one the client itself
@@ -27,7 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import harness, loadgen, raw_ort, report
+from bench import harness, hey, loadgen, raw_ort, report
+from bench.cpu import process_group_cpu
 from bench.harness import Args, Workload
 from bench.models import BenchModel
 from bench.targets import add_endpoint_argument, target_for
@@ -170,9 +173,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--raw-duration", type=float, help="seconds of raw ORT at the max batch (3)")
     p.add_argument(
         "--factors",
-        type=harness.floats,
+        type=_factors,
         default=list(DEFAULT_FACTORS),
-        help="multiples of the measured capacity to offer (2,4,8)",
+        help="multiples of the measured capacity to offer (2,4,8); 'none': capacity and the "
+        "storm only",
     )
     p.add_argument("--factor-duration", type=float, default=10.0, help="seconds per factor (10)")
     p.add_argument("--connections", type=int, default=1024, help="open-loop connection cap (1024)")
@@ -188,6 +192,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_STORM,
         help=f"closed-loop clients that resend at once, refused or not ({DEFAULT_STORM}; 0: none)",
     )
+    p.add_argument(
+        "--storm-client",
+        choices=("loadgen", "hey"),
+        default="loadgen",
+        help="what sends the storm: our load generator, or hey (the issues' tool, about ten "
+        "times our CPU per request, taken from the same cores) (loadgen)",
+    )
     p.add_argument("--pause", type=float, default=2.0, help="idle seconds between loads (2)")
     p.add_argument("--idle", type=float, default=5.0, help="idle seconds at the end (5)")
     p.add_argument(
@@ -195,11 +206,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _factors(text: str) -> list[float]:
+    return [] if text.strip().lower() == "none" else harness.floats(text)
+
+
 def check_args(parser: argparse.ArgumentParser, args: Args) -> None:
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    if not args.factors or min(args.factors) <= 0:
+    if args.factors and min(args.factors) <= 0:
         parser.error("--factors must be positive numbers")
+    if not args.factors and not args.storm:
+        parser.error("--factors none needs a --storm")
+    if args.soak and not args.factors:
+        parser.error("--soak runs at the first of --factors")
+    if args.storm and args.storm_client == "hey" and not hey.available():
+        parser.error("--storm-client hey: hey is not installed (Debian: apt-get install hey)")
 
 
 def load_seconds(args: Args) -> float:
@@ -245,23 +266,36 @@ def _open_loop_point(
 
 
 def _storm_point(target: loadgen.Target, args: Args, sampler: RssSampler, capacity: float) -> dict:
-    """``--storm`` closed-loop clients that resend at once, refused or not."""
+    """``--storm`` closed-loop clients that resend at once, refused or not; with the CPU the
+    server and the load generator each took (cores, over the storm's wall time)."""
     sampler.mark(f"storm c={args.storm}")
     start = sampler.now()
-    result = loadgen.run(
-        loadgen.closed_loop(
-            target,
-            concurrency=args.storm,
-            duration_s=args.factor_duration,
-            timeout_s=args.timeout,
+    cpu0, wall0 = process_group_cpu(sampler.pgid), time.perf_counter()
+    if args.storm_client == "hey":
+        result = hey.closed_loop(target, concurrency=args.storm, duration_s=args.factor_duration)
+    else:
+        result = loadgen.run(
+            loadgen.closed_loop(
+                target,
+                concurrency=args.storm,
+                duration_s=args.factor_duration,
+                timeout_s=args.timeout,
+            )
         )
-    )
+    wall = time.perf_counter() - wall0
+    server_cpu = process_group_cpu(sampler.pgid) - cpu0
     storm = _point(result, 0.0, 0.0, capacity)
     storm.update(
+        client=args.storm_client,
         clients=args.storm,
         seconds=args.factor_duration,
         refused_per_s=round(storm["refused"] / result.duration_s, 1),
         rss_peak_mb=round(sampler.peak_between(start, sampler.now()) / 2**20, 1),
+        server_cores=round(server_cpu / wall, 2),
+        client_cores=round(result.client_cpu_s / wall, 2),
+        server_cpu_us_per_answer=round(server_cpu / result.total * 1e6, 1)
+        if result.total
+        else None,
     )
     _log_storm(storm)
     time.sleep(args.pause)
@@ -392,7 +426,7 @@ def _refusal_p99(p: dict) -> str:
 def _log_storm(p: dict) -> None:
     log.info(
         "  storm c=%d: goodput %.1f/s (%.2fx) accepted p50 %.1f p99 %.1f ms  refused %.0f/s "
-        "p99 %.2f ms  504 %d  rss %.0f MB",
+        "p99 %.2f ms  504 %d  other errors %d  rss %.0f MB  cores: server %.2f, client %.2f",
         p["clients"],
         p["goodput_per_s"],
         p["goodput_fraction"],
@@ -401,7 +435,10 @@ def _log_storm(p: dict) -> None:
         p["refused_per_s"],
         p["refused_p99_ms"],
         p["http_504"],
+        p["other_errors"],
         p["rss_peak_mb"],
+        p["server_cores"],
+        p["client_cores"],
     )
 
 
@@ -451,13 +488,15 @@ def markdown(results: dict) -> str:
             lines += [
                 "",
                 f"Retry storm: {storm['clients']} closed-loop clients that resend at once, "
-                "refused or not, for "
+                f"refused or not ({storm.get('client', 'loadgen')}), for "
                 f"{storm['seconds']:g} s: goodput {storm['goodput_per_s']:,.1f}/s "
                 f"({storm['goodput_fraction']:.2f}x of capacity), accepted p50/p99 "
                 f"{storm['accepted_p50_ms']:.1f}/{storm['accepted_p99_ms']:.1f} ms, "
                 f"{storm['refused_per_s']:,.0f} refusals/s (p99 {storm['refused_p99_ms']:.1f} ms), "
                 f"{storm['http_504']} x 504, other errors {storm['other_errors']}, "
-                f"peak RSS {storm['rss_peak_mb']:.0f} MB.",
+                f"peak RSS {storm['rss_peak_mb']:.0f} MB; CPU: the server "
+                f"{storm['server_cores']:.2f} cores, the load generator "
+                f"{storm['client_cores']:.2f}.",
             ]
         lines += ["", "| target | measured | met |", "|---|---|:-:|"]
         for t in m["targets"]:

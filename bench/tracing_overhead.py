@@ -4,8 +4,8 @@ Calls the real app in-process (ASGI, no sockets, so the network stack's noise st
 ``POST /v2/models/{name}/infer`` and a preprocessed tensor of the default model, through the
 whole server path: middleware, route, Classifier, batcher, ONNX Runtime, response. Variants:
 
-- ``no request ids``: the app without the request-id middleware and tracing off, what the
-  server did before request ids and tracing existed;
+- ``no request ids``: the app without its service middleware (request ids, and the HTTP
+  metrics, drain and body limit that share its one layer) and tracing off;
 - ``tracing off``: the default (request ids on, ``SEPCONV_TRACING=false``);
 - ``tracing on``: the OpenTelemetry SDK recording every span (request, queue, infer, respond,
   batch) into a batch span processor whose exporter drops them, so no network I/O is counted.
@@ -86,12 +86,14 @@ async def measure(model_path: Path, rounds: int, per_round: int) -> dict[str, di
     """One app, one model session and batcher for every variant: only the request-id
     middleware and the tracing hooks change between them, so the session's own speed (which
     differs from one session to the next) cannot pass for their cost."""
+    from fastapi import FastAPI
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     from sepconv.spec import read_spec
     from service.api.app import create_app
-    from service.api.middleware import RequestIdMiddleware
+    from service.api.fastpath import FastPath
+    from service.api.middleware import ServiceMiddleware
     from service.engine.observer import FanOut
     from service.settings import Settings
     from service.tracing import Tracing, TracingObserver
@@ -103,26 +105,38 @@ async def measure(model_path: Path, rounds: int, per_round: int) -> dict[str, di
     path = f"/v2/models/{spec.name}/infer"
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
 
-    app = create_app(Settings(model_path=model_path, grpc_port=0, warmup_runs=2))
-    # The app without the request-id middleware; the variants wrap it themselves.
-    app.user_middleware = [m for m in app.user_middleware if m.cls is not RequestIdMiddleware]
+    settings = Settings(model_path=model_path, grpc_port=0, warmup_runs=2)
+    app = create_app(settings)
+    # The app inside its service middleware; the variants wrap it themselves.
+    stack = FastPath(FastAPI.build_middleware_stack(app), app)
+
+    async def inner(scope, receive, send):
+        scope["app"] = app  # what the app's own __call__ sets
+        await stack(scope, receive, send)
+
+    def layer(tracing: Tracing | None) -> ServiceMiddleware:
+        return ServiceMiddleware(
+            inner, drain=app.state.drain, max_body_bytes=settings.max_body_bytes, tracing=tracing
+        )
+
     provider = TracerProvider()
     provider.add_span_processor(BatchSpanProcessor(_DropExporter()))
     tracing = Tracing(provider)
     means: dict[str, list[float]] = {}
     cpu_means: dict[str, list[float]] = {}  # this process's CPU time: other load shows less
     async with app.router.lifespan_context(app):
-        classifier = app.state.classifier
+        classifier = app.state.repository.lookup().classifier
         plain = classifier.observer
-        traced = FanOut(plain, TracingObserver(tracing))
+        traced = FanOut(plain, TracingObserver(tracing, spec.name, spec.version))
         variants = {
-            "no request ids": (app, plain),
-            "tracing off": (RequestIdMiddleware(app, tracing=None), plain),
-            "tracing on": (RequestIdMiddleware(app, tracing=tracing), traced),
+            "no request ids": (inner, plain),
+            "tracing off": (layer(None), plain),
+            "tracing on": (layer(tracing), traced),
         }
         for _ in range(rounds + 1):  # the first round warms every path and is not counted
             for variant, (entry, observer) in variants.items():
                 classifier.observer = classifier.batcher.observer = observer
+                classifier.admission.observer = observer
                 start, cpu = time.perf_counter(), time.process_time()
                 for _ in range(per_round):
                     assert await _call(entry, path, body, headers) == 200
@@ -138,7 +152,8 @@ async def measure_middleware(rounds: int, per_round: int) -> dict[str, dict]:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    from service.api.middleware import RequestIdMiddleware
+    from service.api.middleware import ServiceMiddleware
+    from service.drain import Drain
     from service.tracing import Tracing
 
     async def ok(scope, receive, send):
@@ -149,8 +164,10 @@ async def measure_middleware(rounds: int, per_round: int) -> dict[str, dict]:
     provider.add_span_processor(BatchSpanProcessor(_DropExporter()))
     variants = {
         "no request ids": ok,
-        "tracing off": RequestIdMiddleware(ok, tracing=None),
-        "tracing on": RequestIdMiddleware(ok, tracing=Tracing(provider)),
+        "tracing off": ServiceMiddleware(ok, drain=Drain(), max_body_bytes=1 << 20),
+        "tracing on": ServiceMiddleware(
+            ok, drain=Drain(), max_body_bytes=1 << 20, tracing=Tracing(provider)
+        ),
     }
     path = "/v2/models/m/infer"
     means: dict[str, list[float]] = {}

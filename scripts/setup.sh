@@ -21,6 +21,8 @@ command -v dockerd >/dev/null || need_apt+=(docker.io)
 command -v debootstrap >/dev/null || need_apt+=(debootstrap)
 # The zero-loss rolling update test (tests/test_rolling_update.py): a real load balancer.
 command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)
+# Retry storms as the issues measured them: python -m bench overload --storm-client hey.
+command -v hey >/dev/null || need_apt+=(hey)
 # The web page's browser test (tests/test_web_ui.py): Playwright drives Debian's Chromium.
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
 # The README's commands (tests/test_docs.py runs them against a server).

@@ -15,7 +15,7 @@ So on SIGTERM, for ``SEPCONV_DRAIN_DELAY_S``:
   instead of racing a connection that is cut under it.
 
 :class:`Drain` is the state, shared by the server (:mod:`service.server` begins it on SIGTERM),
-the app (:class:`service.api.middleware.ConnectionCloseMiddleware`) and the model repository
+the app (:class:`service.api.middleware.ServiceMiddleware`) and the model repository
 (readiness); it imports nothing of theirs.
 
 Then the usual uvicorn shutdown: stop accepting, let open requests finish within

@@ -2,7 +2,7 @@
 
 Names follow Prometheus conventions: base units (seconds), ``_total`` on counters, and the
 ``route`` label is the route template (``/v2/models/{name}/infer``), never the raw path
-(:class:`service.api.middleware.MetricsMiddleware` records HTTP traffic). Every series the
+(:class:`service.api.middleware.ServiceMiddleware` records HTTP traffic). Every series the
 engine writes carries the ``model`` and ``version`` it is about: each loaded version has its own
 :class:`PrometheusObserver`, which binds the label children once, off the hot path.
 """
@@ -16,7 +16,11 @@ import time
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Summary
 from prometheus_client import multiprocess as _multiprocess
 
+from service import metric_values
 from service.engine.observer import EngineObserver, RepositoryObserver
+
+# With several workers, every value below writes to the shared files in batches.
+metric_values.install()
 
 MODEL = ["model", "version"]
 #: Sub-millisecond to seconds: a 28px image takes ~0.1 ms to preprocess, a 224px batch ~100 ms.
@@ -89,10 +93,11 @@ BATCH_QUEUE_DEPTH = Gauge(
 )
 REFUSAL_HOLD = Histogram(
     "sepconv_refusal_hold_seconds",
-    "How long refusals were held back before their 429, when they came faster than "
-    "SEPCONV_REFUSAL_RATE_FACTOR x the model's rate (clients retrying without waiting).",
+    "How long refusals were held back before their 429 (until their Retry-After), when they "
+    "came faster than SEPCONV_REFUSAL_RATE_FACTOR x the model's rate (clients retrying "
+    "without waiting).",
     MODEL,
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+    buckets=(0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0),
 )
 BATCH_REJECTED = Counter(
     "sepconv_batch_rejected_total",
@@ -147,6 +152,7 @@ def exposition_registry() -> CollectorRegistry:
     """The registry /metrics renders: all workers' files when there are several, else ours."""
     if not multiprocess_enabled():
         return REGISTRY
+    metric_values.flush()  # this process's latest, the others' at most a flush interval old
     registry = CollectorRegistry()
     _multiprocess.MultiProcessCollector(registry)
     return registry
@@ -155,6 +161,7 @@ def exposition_registry() -> CollectorRegistry:
 def mark_process_dead() -> None:
     """Drop this worker's live gauges from the shared files when it exits."""
     if multiprocess_enabled():
+        metric_values.flush()
         _multiprocess.mark_process_dead(os.getpid())
 
 

@@ -236,9 +236,10 @@ class Settings(BaseSettings):
         8.0,
         ge=0,
         description="Refusals are answered at once up to this many times the model's own "
-        "rate (lanes / measured seconds per image); past that, each waits its turn (at most "
-        "1 s) before its 429, so clients that retry without waiting cannot take the cores "
-        "from the model. 8 leaves the open-loop 8x overload unpaced. 0 turns pacing off.",
+        "rate (lanes / measured seconds per image); past that, each is held until its "
+        "Retry-After before its 429, so clients that retry without waiting retry at the pace "
+        "they were asked to and cannot take the cores from the model. 8 leaves the open-loop "
+        "8x overload unpaced. 0 turns pacing off.",
     )
     request_timeout_s: float = Field(
         10.0, gt=0, description="Longest an image may wait for its result before a 504."

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 SERVICE_NAME = "sepconv-serve"
 INSTALL_HINT = "pip install 'sepconv-serve[tracing]'"
-#: The span of the HTTP request being handled (set by the request-id middleware while tracing
+#: The span of the HTTP request being handled (set by the service middleware while tracing
 #: is on), for the route to put in its RequestContext.
 current_trace: ContextVar[RequestTrace | None] = ContextVar("sepconv_trace", default=None)
 _PROPAGATOR = TraceContextTextMapPropagator()

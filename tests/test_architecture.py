@@ -34,7 +34,7 @@ SERVICE_LAYERS = (
     # The engine: repository, classifier, batcher, runtime; no web framework, no metrics.
     ("service.engine",),
     # Codecs and observers on top of the engine: wire formats, metrics, traces.
-    ("service.protocols", "service.metrics", "service.tracing"),
+    ("service.protocols", "service.metrics", "service.metric_values", "service.tracing"),
     # The transports: FastAPI app and routes, the gRPC server; all call the repository seam.
     ("service.api",),
     # Running the app: uvicorn with the drain delay, the worker supervisor, the CLI.

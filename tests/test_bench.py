@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -379,3 +380,35 @@ def test_lone_request_design_study_writes_its_table(tiny_model_path, tmp_path):
     )
     text = (tmp_path / "lone_request.md").read_text()
     assert "| design 2 / design 1 |" in text and " us | " in text
+
+
+def test_process_group_cpu_counts_this_process():
+    from bench.cpu import process_group_cpu
+
+    before = process_group_cpu(os.getpgrp())
+    sum(i * i for i in range(2_000_000))  # some CPU of our own
+    assert process_group_cpu(os.getpgrp()) > before
+    assert process_group_cpu(2**22 + 12345) == 0.0  # no such group
+
+
+def test_a_short_cpu_run_against_another_tree_writes_the_report(tiny_model_path, tmp_path):
+    """``python -m bench cpu --compare-tree``: a fixed number of requests per point, both trees
+    (here the same checkout twice), alternating rounds, the server's CPU per request."""
+    import json
+    from pathlib import Path
+
+    from bench.__main__ import main
+
+    tree = str(Path(__file__).resolve().parents[1])
+    args = ["cpu", "--models", str(tiny_model_path), "--workers", "1", "--requests", "200"]
+    args += ["--rounds", "2", "--warmup", "0.1", "--endpoints", "classify,oip"]
+    args += ["--compare-tree", tree, "--out", str(tmp_path)]
+    assert main(args) == 0
+    (model,) = json.loads((tmp_path / "cpu_results.json").read_text())["models"]
+    assert len(model["points"]) == 2 * 2 * 2  # rounds x trees x endpoints
+    assert all(p["answered"] == 200 and p["errors"] == 0 for p in model["points"])
+    assert all(p["server_cpu_us_per_req"] > 0 for p in model["points"])
+    assert [row["endpoint"] for row in model["summary"]] == ["classify", "oip"]
+    assert all(len(row["cpu_ratios"]) == 2 for row in model["summary"])
+    assert "| classify | 2 |" not in (tmp_path / "cpu_results.md").read_text()
+    assert "| classify | 32 |" in (tmp_path / "cpu_results.md").read_text()

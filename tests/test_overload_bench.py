@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from bench import loadgen, overload
+from bench import hey, loadgen, overload
 from bench.__main__ import main as bench_main
 
 
@@ -100,6 +100,27 @@ def test_a_short_overload_run_writes_the_report(tiny_model_path, tmp_path):
     assert model["rss_start_mb"] > 0 and len(model["rss_curve"]) >= 2
     storm = model["storm"]
     assert storm["clients"] == 16 and storm["goodput_per_s"] > 0 and storm["refused_per_s"] >= 0
+    assert storm["server_cores"] > 0 and storm["client_cores"] > 0 and storm["client"] == "loadgen"
     report = (tmp_path / "overload_results.md").read_text()
     assert "| 2x |" in report and "Retry storm: 16 closed-loop clients" in report
     assert (tmp_path / f"overload_{model['key']}_rss.png").stat().st_size > 1000
+
+
+@pytest.mark.skipif(not hey.available(), reason="needs hey (Debian package hey)")
+def test_a_storm_only_run_with_hey(tiny_model_path, tmp_path):
+    """``--factors none --storm-client hey``: the capacity, then the storm from hey, read into
+    the same figures (its own CPU included)."""
+    args = ["overload", "--models", str(tiny_model_path), "--workers", "1", "--duration", "0.5"]
+    args += ["--warmup", "0.1", "--raw-duration", "0.2", "--factors", "none", "--storm", "8"]
+    args += ["--storm-client", "hey", "--factor-duration", "1", "--pause", "0", "--idle", "0"]
+    assert bench_main([*args, "--out", str(tmp_path)]) == 0
+    (model,) = json.loads((tmp_path / "overload_results.json").read_text())["models"]
+    assert model["points"] == [] and model["capacity_per_s"] > 0
+    storm = model["storm"]
+    assert storm["client"] == "hey" and storm["goodput_per_s"] > 0 and storm["client_cores"] > 0
+    assert "(hey)" in (tmp_path / "overload_results.md").read_text()
+
+
+def test_factors_none_needs_a_storm():
+    with pytest.raises(SystemExit):
+        bench_main(["overload", "--factors", "none", "--storm", "0"])

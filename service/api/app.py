@@ -15,16 +15,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 import sepconv
 from service.api.errors import install_error_handlers
+from service.api.fastpath import FastPath
 from service.api.grpc_server import GrpcServer
-from service.api.middleware import (
-    BodySizeLimitMiddleware,
-    ConnectionCloseMiddleware,
-    MetricsMiddleware,
-    RequestIdMiddleware,
-)
+from service.api.middleware import ServiceMiddleware
 from service.api.routes import classify, cost, health, models, oip, triton_ext, ui
 from service.drain import Drain
 from service.engine.observer import EngineObserver, FanOut
@@ -57,6 +54,22 @@ Image classification with a MobileNetV1 (depthwise-separable CNN) on ONNX Runtim
 Labels and preprocessing come from the model file's own metadata. Errors are JSON
 `{"error": "<code>", "detail": "<sentence>"}`; Prometheus metrics are at `/metrics`.
 """
+
+
+class ServiceApp(FastAPI):
+    """FastAPI with the service's own layers outside its stack, outermost first:
+    :class:`ServiceMiddleware` (request id and trace, drain, metrics, body limit: every request)
+    and :class:`FastPath` (the inference routes, served without FastAPI's per-request
+    machinery). Everything else goes through FastAPI's stack as usual."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        settings: Settings = self.state.settings
+        return ServiceMiddleware(
+            FastPath(super().build_middleware_stack(), self),
+            drain=self.state.drain,
+            max_body_bytes=settings.max_body_bytes,
+            tracing=self.state.tracing,
+        )
 
 
 def new_repository(settings: Settings, tracing: Tracing | None) -> ModelRepository:
@@ -142,11 +155,14 @@ def create_app(
     drain = drain or Drain()
     if tracing is None and settings.tracing:
         tracing = Tracing.from_env()
-    app = FastAPI(
+    app = ServiceApp(
         title="sepconv-serve",
         version=sepconv.__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        # The service has its own traces and metrics. FastAPI's would duplicate them once any
+        # OpenTelemetry provider is configured, and checking whether one is costs every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.tracing = tracing
@@ -157,10 +173,4 @@ def create_app(
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
-    # Added last = outermost: the request id is set before anything else runs and logs, metrics
-    # time everything, body-limit 413s included.
-    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware)
-    app.add_middleware(ConnectionCloseMiddleware, drain=drain)
-    app.add_middleware(RequestIdMiddleware, tracing=tracing)
     return app

@@ -43,6 +43,8 @@ VersionQuery = Annotated[
 
 def model_query(request: Request) -> tuple[str | None, str | None]:
     """``?model=`` and ``?version=`` read without FastAPI's dependency solving (hot routes)."""
+    if not request.scope["query_string"]:
+        return None, None  # most requests: no query to parse
     params = request.query_params
     return params.get("model") or None, params.get("version") or None
 

@@ -1,17 +1,30 @@
-"""Pure ASGI middleware (no BaseHTTPMiddleware: no extra task or body copy per request).
+"""The service's own ASGI layer, outermost: what every HTTP request gets, in one pass.
 
-:class:`RequestIdMiddleware`: request ids (and, while tracing is on, spans) for every request.
-:class:`MetricsMiddleware`: HTTP traffic by route template.
+:class:`ServiceMiddleware` does, for every request:
 
-:class:`ConnectionCloseMiddleware`: ``Connection: close`` on every response while draining.
+- its id: ``X-Request-ID`` accepted (or made) and echoed, and set for the request's log lines;
+  while tracing is on, the span of each inference request (a child of the caller's
+  ``traceparent``), ended once the response is sent;
+- ``Connection: close`` on the response while the server drains (:mod:`service.drain`);
+- the HTTP metrics, by route template (``/v2/models/{name}/infer``), never the raw path, so a
+  scanner hitting random URLs cannot blow up the series count;
+- the request body limit, so an oversized body is never buffered.
 
-:class:`BodySizeLimitMiddleware`: the request body limit, so an oversized body is never buffered.
+One layer instead of four: each ASGI layer wraps ``send`` (and copies the response-start
+message) once more per request, and these were four of the dozen or so a request went through.
+It sits outside FastAPI's own stack (:class:`service.api.app.ServiceApp`), so the inference
+routes that skip that stack (:mod:`service.api.fastpath`) get all of it too, and so do the 500s
+FastAPI's error middleware answers.
 
-The check sits in ``receive``: a declared ``Content-Length`` over the limit fails the very first
-read, before a byte of the body is pulled off the socket; a chunked body (no length) is counted
-while it streams and fails the moment it crosses the limit. Failing inside the app's body read,
-after routing, lets the usual error handler answer (JSON, and the metrics get the route
-template). Starlette's ``RequestBodyLimitMiddleware`` works the same way but answers plain text.
+The body limit sits in ``receive``: a declared ``Content-Length`` over the limit fails the very
+first read, before a byte of the body is pulled off the socket; a chunked body (no length) is
+counted while it streams and fails the moment it crosses the limit. Failing inside the app's
+body read, after routing, lets the usual error handler answer (JSON in the route's protocol, and
+the metrics get the route template). Starlette's ``RequestBodyLimitMiddleware`` works the same
+way but answers plain text.
+
+The context variables (request id, trace) are not reset afterwards: each request runs in a task
+of its own.
 """
 
 from __future__ import annotations
@@ -28,49 +41,11 @@ from service.tracing import RequestTrace, Tracing, current_trace
 
 UNMATCHED_ROUTE = "<unmatched>"
 CLOSE = (b"connection", b"close")
+REQUEST_ID = b"x-request-id"
 
 
 def body_too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"the request body exceeds the limit of {limit} bytes")
-
-
-class BodySizeLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
-        self.app = app
-        self.limit = max_body_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.limit
-        declared = None
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    declared = None  # the HTTP server refuses malformed framing itself
-                break
-        if declared is not None and declared <= limit:
-            # The server enforces Content-Length framing, so there is nothing to count.
-            await self.app(scope, receive, send)
-            return
-
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            if declared is not None:
-                raise body_too_large(limit)  # refused before reading any of it
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise body_too_large(limit)
-            return message
-
-        await self.app(scope, limited_receive, send)
 
 
 def route_template(scope: Scope) -> str:
@@ -79,12 +54,26 @@ def route_template(scope: Scope) -> str:
     return getattr(route, "path", None) or UNMATCHED_ROUTE
 
 
-class MetricsMiddleware:
-    """HTTP traffic by route template (``/v2/models/{name}/infer``), never the raw path, so a
-    scanner hitting random URLs cannot blow up the series count."""
+def is_inference_path(path: str) -> bool:
+    """The routes that classify (traced while tracing is on); checked before routing."""
+    return path == "/v1/classify" or (path.startswith("/v2/models/") and path.endswith("/infer"))
 
-    def __init__(self, app: ASGIApp) -> None:
+
+class ServiceMiddleware:
+    """Request id and trace, ``Connection: close`` while draining, HTTP metrics, body limit."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        drain: Drain,
+        max_body_bytes: int,
+        tracing: Tracing | None = None,
+    ) -> None:
         self.app = app
+        self.drain = drain
+        self.limit = max_body_bytes
+        self.tracing = tracing
         #: (route, method, status) -> metric children; bounded like the label set itself, and it
         #: saves the label lookup (a lock and a dict) on every request.
         self._children: dict[tuple[str, str, int], tuple] = {}
@@ -94,14 +83,40 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
+        given = declared = None
+        for name, value in scope["headers"]:
+            if name == REQUEST_ID:
+                if given is None:
+                    given = value
+            elif name == b"content-length" and declared is None:
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = -1  # the HTTP server refuses malformed framing itself
+        start_request(given)
+        trace = None
+        if self.tracing is not None and is_inference_path(scope["path"]):
+            trace = self._start_trace(scope)
+        # Decided when the request starts, so the hot path pays one attribute read; uvicorn
+        # sees the header and closes the connection once the response is sent.
+        closing = self.drain.draining
         status = 500
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                headers = list(message.get("headers", ()))
+                if closing:
+                    headers = [h for h in headers if h[0].lower() != CLOSE[0]]
+                    headers.append(CLOSE)
+                # The id as it is now: the route may have adopted the OIP request's ``id``.
+                headers.append((REQUEST_ID, request_id_var.get().encode()))
+                message = {**message, "headers": headers}
             await send(message)
 
+        if declared is None or declared < 0 or declared > self.limit:
+            receive = self._limited(receive, declared)
         HTTP_IN_FLIGHT.inc()
         try:
             await self.app(scope, receive, send_wrapper)
@@ -118,60 +133,30 @@ class MetricsMiddleware:
                 )
             children[0].inc()
             children[1].observe(time.perf_counter() - start)
-
-
-def is_inference_path(path: str) -> bool:
-    """The routes that classify (traced while tracing is on); checked before routing."""
-    return path == "/v1/classify" or (path.startswith("/v2/models/") and path.endswith("/infer"))
-
-
-class RequestIdMiddleware:
-    """``X-Request-ID`` accepted (or made) and echoed, the id in the log lines of the request,
-    and, while tracing is on, the span of each inference request (a child of the caller's
-    ``traceparent``), ended once the response is sent.
-
-    The context variables are not reset afterwards: each request runs in a task of its own, and
-    the app's handler for unexpected errors, which runs outside this middleware, logs with them.
-    """
-
-    def __init__(self, app: ASGIApp, tracing: Tracing | None = None) -> None:
-        self.app = app
-        self.tracing = tracing
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        given = None
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                given = value
-                break
-        start_request(given)
-        trace = None
-        if self.tracing is not None and is_inference_path(scope["path"]):
-            trace = self._start_trace(scope)
-        status = 500
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                # The id as it is now: the route may have adopted the OIP request's ``id``.
-                header = (b"x-request-id", request_id_var.get().encode())
-                message = {**message, "headers": [*message.get("headers", ()), header]}
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
             if trace is not None:
-                route = route_template(scope)
                 trace.span.update_name(f"{scope['method']} {route}")
                 trace.end(
                     f"HTTP {status}" if status >= 500 else None,
                     {"http.route": route, "http.response.status_code": status},
                 )
+
+    def _limited(self, receive: Receive, declared: int | None) -> Receive:
+        """``receive`` that fails once the body is over the limit (declared or counted)."""
+        limit = self.limit
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            if declared is not None and declared > limit:
+                raise body_too_large(limit)  # refused before reading any of it
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise body_too_large(limit)
+            return message
+
+        return limited_receive
 
     def _start_trace(self, scope: Scope) -> RequestTrace:
         carrier = {
@@ -191,28 +176,3 @@ class RequestIdMiddleware:
         current_trace.set(trace)
         trace_id_var.set(trace.trace_id)
         return trace
-
-
-class ConnectionCloseMiddleware:
-    """While draining, every response asks the client to close its connection.
-
-    Decided when a request starts, so the hot path pays one attribute read; uvicorn sees the
-    header and closes the connection once the response is sent.
-    """
-
-    def __init__(self, app: ASGIApp, drain: Drain) -> None:
-        self.app = app
-        self.drain = drain
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.drain.draining:
-            await self.app(scope, receive, send)
-            return
-
-        async def send_closing(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = [h for h in message.get("headers", []) if h[0].lower() != CLOSE[0]]
-                message = {**message, "headers": [*headers, CLOSE]}
-            await send(message)
-
-        await self.app(scope, receive, send_closing)

@@ -23,8 +23,12 @@ Refusals are paced (:meth:`Admission.pace`). A client that retries the moment it
 (``hey -c 800``, any closed loop that ignores ``Retry-After``) turns every refusal into another
 request at once: measured on the 224 px model with 128 such clients, the refusal storm took the
 cores from the model and goodput fell to a fifth of capacity. So refusals are answered at once up
-to ``refusal_rate_factor`` times the model's own rate; past that, each waits its turn (at most
-``MAX_REFUSAL_HOLD_S``), which bounds what a storm can take however many clients join it.
+to ``refusal_rate_factor`` times the model's own rate (a GCRA schedule with a short burst); past
+that rate, each refusal is held until its own ``Retry-After`` has passed, then answered. A client
+that retries at once then retries at the pace it was asked to, so a storm's refusals come at
+about (its clients / Retry-After) per second however fast they are answered, and what they cost
+the server and the clients' own cores stays bounded. Clients that wait as asked, and open-loop
+overload below the paced rate, are never held. docs/overload.md has the measurements.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ from service.engine.batcher import Batcher, retry_after
 from service.engine.observer import NULL_OBSERVER, EngineObserver
 from service.errors import Overloaded
 
-#: Longest a refusal is held back: the least ``Retry-After`` the client is told anyway.
+#: How far ahead of now the refusal schedule may run: a storm is forgotten (refusals are answered
+#: at once again) at most this long after it stops, however long it lasted.
 MAX_REFUSAL_HOLD_S = 1.0
 #: Refusals answered at once in a burst, as seconds of the paced rate.
 REFUSAL_BURST_S = 0.05
@@ -123,21 +128,22 @@ class Admission:
             return 0.0
         return self.refusal_rate_factor * self.batcher.lanes / per_image
 
-    def refusal_delay(self, now: float) -> float:
-        """Seconds this refusal should wait before it is answered (GCRA, one slot each)."""
+    def refusal_delay(self, now: float, retry_after_s: float = MAX_REFUSAL_HOLD_S) -> float:
+        """Seconds this refusal waits before it is answered: none while refusals come at most
+        at the paced rate (GCRA, one slot each, with a burst), else its ``retry_after_s``."""
         rate = self.refusal_rate()
         if rate <= 0:
             return 0.0
         slot = max(self._next_refusal, now)
-        delay = min(max(0.0, slot - now - REFUSAL_BURST_S), MAX_REFUSAL_HOLD_S)
-        # A refusal held for the longest time still takes a slot: the schedule never runs
-        # further ahead than one hold, so the wait stays bounded under any storm.
+        # Every refusal takes a slot, held or not, and the schedule never runs more than
+        # MAX_REFUSAL_HOLD_S ahead: it tells a storm from a burst, and forgets it soon after.
         self._next_refusal = min(slot, now + REFUSAL_BURST_S + MAX_REFUSAL_HOLD_S) + 1.0 / rate
-        return delay
+        return float(retry_after_s) if slot - now > REFUSAL_BURST_S else 0.0
 
-    async def pace(self) -> None:
-        """Wait this refusal's turn; call it right before answering a refusal."""
-        delay = self.refusal_delay(time.monotonic())
+    async def pace(self, retry_after_s: float = MAX_REFUSAL_HOLD_S) -> None:
+        """Wait this refusal's turn; call it right before answering a refusal that tells the
+        client to retry after ``retry_after_s``."""
+        delay = self.refusal_delay(time.monotonic(), retry_after_s)
         if delay > 0:
             self.observer.refusal_held(delay)
             await asyncio.sleep(delay)

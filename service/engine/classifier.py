@@ -20,7 +20,7 @@ import numpy as np
 from sepconv.preprocess import ImageError, ImageTooLargeError
 from sepconv.spec import ModelSpec
 from service.engine import decode
-from service.engine.admission import Admission
+from service.engine.admission import MAX_REFUSAL_HOLD_S, Admission
 from service.engine.batcher import Batcher
 from service.engine.context import RequestContext
 from service.engine.observer import NULL_OBSERVER, EngineObserver
@@ -84,8 +84,8 @@ class Classifier:
         the latency budget: routes call this before they read a body."""
         try:
             self.admission.check(images)
-        except Overloaded:
-            await self.admission.pace()
+        except Overloaded as exc:
+            await self.admission.pace(exc.retry_after_s or MAX_REFUSAL_HOLD_S)
             raise
 
     def close(self) -> None:
@@ -161,7 +161,7 @@ class Classifier:
         observer when it ends, refused or failed included; a refusal waits its turn."""
         ctx = ctx if ctx is not None else RequestContext()
         started = time.monotonic()
-        refused = False
+        refused: Overloaded | None = None
         self.active += 1
         lanes = self.admission.lanes
         lanes.enter()
@@ -169,17 +169,18 @@ class Classifier:
             yield ctx, started
         except BaseException as exc:
             self.observer.request_finished(ctx, started, time.monotonic() - started, exc)
-            refused = isinstance(exc, Overloaded)
+            if isinstance(exc, Overloaded):
+                refused = exc
             raise
         else:
             self.observer.request_finished(ctx, started, time.monotonic() - started, None)
         finally:
             self.active -= 1
             lanes.leave()
-            if refused:
+            if refused is not None:
                 # Held after it stops counting: a refusal waiting its turn is not work in
                 # progress, and must not keep a lone request off the inline path.
-                await self.admission.pace()
+                await self.admission.pace(refused.retry_after_s or MAX_REFUSAL_HOLD_S)
 
     async def _probabilities(self, batch: np.ndarray, ctx: RequestContext) -> np.ndarray:
         rows = await self._submit_all(batch, ctx)

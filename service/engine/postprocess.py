@@ -29,10 +29,18 @@ def top_k_indices(probs: np.ndarray, k: int) -> np.ndarray:
 def top_k(probs: np.ndarray, k: int, labels: list[str]) -> list[dict]:
     """The ``k`` most probable classes of one image, best first; ``k`` clamped to
     ``[1, len(labels)]``."""
-    if probs.ndim != 1 or len(probs) != len(labels):
+    if probs.ndim != 1:
         raise ValueError(f"expected {len(labels)} probabilities, got shape {probs.shape}")
-    order = top_k_indices(probs, max(1, k))
+    return top_k_rows(probs[None], k, labels)[0]
+
+
+def top_k_rows(probs: np.ndarray, k: int, labels: list[str]) -> list[list[dict]]:
+    """:func:`top_k` of every row of ``probs`` (N, classes), ranked in one call and read out
+    as Python numbers once (``tolist``), not element by element."""
+    if probs.ndim != 2 or probs.shape[1] != len(labels):
+        raise ValueError(f"expected {len(labels)} probabilities, got shape {probs.shape}")
+    order = top_k_indices(probs, max(1, k)).tolist()
     return [
-        {"label": labels[i], "index": int(i), "probability": float(probs[i])}
-        for i in order.tolist()
+        [{"label": labels[i], "index": i, "probability": row[i]} for i in ranked]
+        for ranked, row in zip(order, probs.tolist(), strict=True)
     ]

@@ -55,7 +55,7 @@ from service.engine.observer import (
     RepositoryObserver,
 )
 from service.engine.runtime import ModelLoadError, find_model_file
-from service.errors import ModelLoadFailed, NotFound, NotReady, ServiceError
+from service.errors import ModelLoadFailed, NotFound, NotReady, Overloaded, ServiceError
 from service.settings import Settings
 
 log = logging.getLogger("service.repository")
@@ -275,6 +275,23 @@ class ModelRepository:
             inputs = await parse(classifier.spec)
             probs = await classifier.classify(inputs, ctx)
             return Answer(classifier.spec, inputs, probs)
+
+    async def admission_refusal(
+        self, name: str | None = None, version: str | None = None, images: int = 1
+    ) -> Overloaded | None:
+        """The refusal a request for ``images`` of ``name``/``version`` gets from admission
+        control now, once it has waited its turn (refusal pacing); None when it would be
+        admitted, or when the model is not served (the request's own path answers that, 404 or
+        503). For a layer that answers refusals before it parses anything: :meth:`infer` still
+        admits every request it is given."""
+        try:
+            with self.lease(name, version) as classifier:
+                await classifier.admit(images)
+        except Overloaded as exc:
+            return exc
+        except (NotFound, NotReady):
+            pass
+        return None
 
     def index(self, ready_only: bool = False) -> list[IndexEntry]:
         """Every model and version with its state (Triton's index); with several worker

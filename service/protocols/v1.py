@@ -13,7 +13,7 @@ import numpy as np
 import orjson
 
 from sepconv.spec import ModelSpec
-from service.engine.postprocess import top_k
+from service.engine.postprocess import top_k_rows
 from service.errors import InvalidParameter, ServiceError, UnsupportedMediaType
 
 DEFAULT_TOP_K = 5
@@ -54,8 +54,8 @@ def unsupported(media: str) -> UnsupportedMediaType:
 def classify_response(spec: ModelSpec, probs: np.ndarray, names: Sequence[str], k: int) -> bytes:
     """One result per image, in request order, each with its ``k`` most probable labels."""
     results = [
-        {"filename": names[i] if names else None, "predictions": top_k(p, k, spec.labels)}
-        for i, p in enumerate(probs)
+        {"filename": names[i] if names else None, "predictions": predictions}
+        for i, predictions in enumerate(top_k_rows(probs, k, spec.labels))
     ]
     return orjson.dumps({"model": {"name": spec.name, "version": spec.version}, "results": results})
 

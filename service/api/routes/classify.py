@@ -216,7 +216,9 @@ async def _read_multipart(request: Request, settings: Settings) -> tuple[list[by
 async def classify(request: Request) -> Response:
     # No Depends() and no declared query model here: FastAPI's dependency solving costs about a
     # sixth of this route's Python time, and this is the route that sees the traffic.
-    top_k = parse_top_k(request.query_params.get("top_k"))
+    top_k = parse_top_k(
+        request.query_params.get("top_k") if request.scope["query_string"] else None
+    )
     name, version = model_query(request)
 
     async def read(_spec) -> Images:
