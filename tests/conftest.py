@@ -96,6 +96,9 @@ class FailingBatcher:
     def __init__(self, exc: Exception) -> None:
         self.exc = exc
 
+    def runs_inline(self) -> bool:
+        return False
+
     async def submit(self, x, ctx=None, *, alone=False):
         raise self.exc
 

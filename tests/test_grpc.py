@@ -367,6 +367,9 @@ class SlowBatcher:
         self.deadlines: list[float | None] = []
         self.cancelled = threading.Event()
 
+    def runs_inline(self) -> bool:
+        return False
+
     def enqueue(self, x, ctx=None, *, alone=False):
         self.deadlines.append(ctx.deadline if ctx is not None else None)
         fut = asyncio.get_running_loop().create_future()

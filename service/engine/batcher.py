@@ -228,7 +228,7 @@ class Batcher:
                 self.observer.rejected("deadline")
                 raise RequestTimeoutError("the request's deadline passed before it was queued")
         fut: asyncio.Future = loop.create_future()
-        if alone and self._runs_inline():
+        if alone and self.runs_inline():
             self._run_inline(x, fut, ctx)
             return fut
         try:
@@ -243,7 +243,9 @@ class Batcher:
         fut.add_done_callback(lambda _: timer.cancel())
         return fut
 
-    def _runs_inline(self) -> bool:
+    def runs_inline(self) -> bool:
+        """Whether a lone image enqueued now would run on the event loop (a cheap model, and
+        nothing queued or running on any lane)."""
         return (
             self.single_image_s is not None
             and self.single_image_s <= self.inline_max_s

@@ -195,6 +195,14 @@ class Classifier:
         futures: list[asyncio.Future] = []
         # The only request in progress, with one image: the batcher may run it at once.
         alone = self.active == 1 and len(batch) == 1
+        if alone and self.batcher.runs_inline():
+            # Requests that came in with this one wait on the event loop behind it, and each
+            # runs start to finish without yielding: without a yield here, every one of them
+            # would find itself alone and run at batch 1. One turn of the loop lets them reach
+            # the batcher first, so they share a run (28 px: 128 us per image at batch 1, about
+            # 75 us from batch 4).
+            await asyncio.sleep(0)
+            alone = self.active == 1
         try:
             for row in batch:
                 futures.append(self.batcher.enqueue(row, ctx, alone=alone))
