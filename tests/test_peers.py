@@ -254,6 +254,13 @@ def test_median_raw_per_batch():
     ]
     assert [r["images_per_s"] for r in median_raw(rounds)] == [20.0, 50.0]
     assert median_raw([]) == []
+    # The lone request's point (batch 1 too) is kept apart from the throughput one.
+    lone = [[{"batch": 1, "images_per_s": 99.0, "role": "lone"}, *rnd] for rnd in rounds]
+    assert [(r.get("role"), r["images_per_s"]) for r in median_raw(lone)] == [
+        ("lone", 99.0),
+        (None, 20.0),
+        (None, 50.0),
+    ]
 
 
 # --- peer venvs, without creating one -----------------------------------------------------------

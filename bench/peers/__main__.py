@@ -208,11 +208,12 @@ def measure_model(
 
 
 def median_raw(raw_rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per batch size, the round with the median images/s."""
-    by_batch: dict[int, list[dict[str, Any]]] = {}
+    """Per batch size and role (throughput, or the lone request's latency), the round with the
+    median images/s."""
+    by_batch: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for rnd in raw_rounds:
         for r in rnd:
-            by_batch.setdefault(r["batch"], []).append(r)
+            by_batch.setdefault((r.get("role", "throughput"), r["batch"]), []).append(r)
     out = []
     for _, rows in sorted(by_batch.items()):
         rows = sorted(rows, key=lambda r: r["images_per_s"])

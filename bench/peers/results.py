@@ -301,7 +301,7 @@ def markdown(results: dict[str, Any]) -> str:
                     summary.append((model["key"], r))
         lines.append("")
     if summary:
-        lines += ["## Targets (issue 11, defaults out of the box)", ""]
+        lines += ["## Targets (issue 19, defaults out of the box)", ""]
         lines += ["| model | comparison | ratio | target | met |", "|---|---|---:|---|:-:|"]
         for key, r in summary:
             met = "yes" if r["met"] else "**no**"
