@@ -501,7 +501,8 @@ def test_model_cli_registers_the_cost_subcommand(tiny_model_path):
 def test_endpoint_reports_the_served_graph_even_if_the_file_is_replaced(
     tmp_path, tiny_model_path, tiny_rgb_model_path
 ):
-    """The report describes the bytes the session runs, not whatever is on disk now."""
+    """The report describes the bytes the session runs, not whatever is on disk now; a profile
+    needs those bytes again, so once the file changed it asks for the new one to be loaded."""
     import shutil
 
     from fastapi.testclient import TestClient
@@ -516,5 +517,13 @@ def test_endpoint_reports_the_served_graph_even_if_the_file_is_replaced(
         body = c.get("/v1/cost").json()
         assert body["model"]["input_shape"] == [1, 1, 28, 28]
         profiled = c.get("/v1/cost", params={"profile": "true", "runs": 1})
+        assert profiled.status_code == 409 and profiled.json()["error"] == "model_changed"
+        assert "load the model again" in profiled.json()["detail"]
+        name = body["model"]["name"]
+        # Another input contract: refused as a new version; unloaded first, it loads.
+        assert c.post(f"/v2/repository/models/{name}/load").status_code == 400
+        assert c.post(f"/v2/repository/models/{name}/unload").status_code == 200
+        assert c.post(f"/v2/repository/models/{name}/load").status_code == 200
+        profiled = c.get("/v1/cost", params={"profile": "true", "runs": 1})
         assert profiled.status_code == 200
-        assert profiled.json()["model"]["input_shape"] == [1, 1, 28, 28]
+        assert profiled.json()["model"]["input_shape"] == [1, 3, 32, 32]

@@ -7,7 +7,6 @@ requested provider cannot start, and an operator must be able to see what really
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -78,6 +77,24 @@ def find_model_file(path: str | Path) -> Path:
     )
 
 
+def _identity(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _analyze(model_bytes: bytes, path: Path):
+    """(the cost report, None), or (None, the CostError) for a graph the analysis cannot read:
+    counted once at load, while the bytes are at hand."""
+    import onnx
+
+    from sepconv.cost import CostError, analyze_model
+
+    try:
+        return analyze_model(onnx.load_from_string(model_bytes), path=str(path)), None
+    except CostError as exc:
+        return None, exc
+
+
 class ModelRuntime:
     """A loaded model: ``spec`` from its metadata, ``providers`` that really run it."""
 
@@ -98,10 +115,12 @@ class ModelRuntime:
         self.path = find_model_file(path)
         self.observer = observer
         # Read once: the session, the spec and the cost report all describe these exact bytes,
-        # even if the file is replaced while the server runs.
-        self.model_bytes = self.path.read_bytes()
+        # even if the file is replaced while the server runs. They are not kept (17 MB for a
+        # 224 px model, in every worker): a profile reads the file again, if it is unchanged.
+        model_bytes = self.path.read_bytes()
+        self._file = _identity(self.path)
         try:
-            self.spec: ModelSpec = spec_from_bytes(self.model_bytes, str(self.path))
+            self.spec: ModelSpec = spec_from_bytes(model_bytes, str(self.path))
         except SpecError as exc:
             raise ModelLoadError(f"cannot serve {self.path}: {exc}") from exc
         served = {k: v for k, v in (("name", name), ("version", version)) if v}
@@ -126,7 +145,7 @@ class ModelRuntime:
             # nothing behind.
             opts.enable_cpu_mem_arena = memory_arena
             try:
-                return ort.InferenceSession(self.model_bytes, opts, providers=requested)
+                return ort.InferenceSession(model_bytes, opts, providers=requested)
             except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
                 raise ModelLoadError(f"onnxruntime cannot load {self.path}: {exc}") from exc
 
@@ -154,8 +173,7 @@ class ModelRuntime:
         #: Whether the run starting now is for a request alone on the machine (the loader
         #: sets it to the lanes' :meth:`~service.engine.lanes.Lanes.alone`).
         self.alone: Callable[[], bool] = lambda: False
-        self._cost = None
-        self._cost_lock = threading.Lock()
+        self._cost, self._cost_error = _analyze(model_bytes, self.path)
         log.info(
             "loaded %s (%s v%s, %s, %dpx %s, %d classes) on %s, intra_op_threads=%d",
             self.path,
@@ -198,19 +216,21 @@ class ModelRuntime:
         whenever the last reference to this object goes; the model must not run again."""
         self.session = None
         self.lone_session = None
-        self.model_bytes = b""
 
     def cost_report(self):
-        """The static cost report of the served graph, computed on first use and kept."""
-        with self._cost_lock:
-            if self._cost is None:
-                import onnx
+        """The static cost report of the served graph, counted when it was loaded."""
+        if self._cost is None:
+            raise self._cost_error
+        return self._cost
 
-                from sepconv.cost import analyze_model
-
-                proto = onnx.load_from_string(self.model_bytes)
-                self._cost = analyze_model(proto, path=str(self.path))
-            return self._cost
+    def model_bytes(self) -> bytes:
+        """The served file's bytes, read again; :class:`ModelLoadError` if it changed since."""
+        data = self.path.read_bytes()
+        if _identity(self.path) != self._file:
+            raise ModelLoadError(
+                f"{self.path} changed since it was loaded; load the model again to profile it"
+            )
+        return data
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

@@ -23,7 +23,7 @@ from sepconv.cost import (
 )
 from service.api.deps import ModelQuery, RepositoryDep, VersionQuery
 from service.api.errors import error_example
-from service.engine.runtime import ModelRuntime
+from service.engine.runtime import ModelLoadError, ModelRuntime
 from service.errors import NOT_READY_DETAIL, InvalidRequest, NotAcceptable, Overloaded, ServiceError
 
 router = APIRouter(tags=["model"])
@@ -122,15 +122,19 @@ async def _cost(runtime: ModelRuntime, fmt: Format, profile: bool, runs: int) ->
                 code="profile_busy",
                 retry_after_s=2,
             )
-        try:
-            measured = await run_in_threadpool(
-                profile_model,
-                runtime.model_bytes,
+        def measure():
+            return profile_model(
+                runtime.model_bytes(),
                 report,
                 runs=runs,
                 intra_op_threads=runtime.intra_op_threads,
                 providers=runtime.providers,
             )
+
+        try:
+            measured = await run_in_threadpool(measure)
+        except ModelLoadError as exc:
+            raise ServiceError(str(exc), code="model_changed", status_code=409) from exc
         finally:
             _profile_lock.release()
         report = report.model_copy(update={"profile": measured})
