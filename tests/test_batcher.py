@@ -380,3 +380,46 @@ def test_inference_threads_can_yield_to_the_event_loop():
     run(body())
     assert seen == [min(base + 5, 19)]
     assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the loop's thread is untouched
+
+
+def test_pixels_are_normalised_on_the_inference_thread_as_in_training():
+    """Images may wait as uint8 pixels (a quarter of the memory): the batch normalises them
+    with the one preprocessing function, so the model sees the tensors training gave it."""
+    import functools
+
+    from sepconv.preprocess import Preprocessing, normalize
+
+    spec = Preprocessing(input_size=4, color_mode="RGB", mean=[0.5, 0.4, 0.3], std=[0.2, 0.3, 0.4])
+    seen: list[np.ndarray] = []
+
+    def model(x):
+        seen.append(x)
+        return x.reshape(len(x), -1)[:, :2]
+
+    rng = np.random.default_rng(0)
+    pixels = [rng.integers(0, 256, (4, 4, 3), dtype=np.uint8) for _ in range(3)]
+    tensor = normalize(pixels[0], spec)
+
+    async def scenario():
+        batcher = Batcher(
+            model,
+            item_shape=(3, 4, 4),
+            normalize=functools.partial(normalize, spec=spec),
+            max_wait_s=0.05,
+        )
+        batcher.start()
+        try:
+            with pytest.raises(InvalidInputError, match="uint8"):
+                batcher.enqueue(np.zeros((3, 4, 4), np.uint8))  # channels first: not pixels
+            futures = [batcher.enqueue(p) for p in pixels] + [batcher.enqueue(tensor)]
+            return await asyncio.gather(*futures)
+        finally:
+            await batcher.stop()
+
+    answers = asyncio.run(scenario())
+    expected = [normalize(p, spec) for p in pixels] + [tensor]
+    assert all(x.dtype == np.float32 for x in seen)
+    ran = np.concatenate(seen)
+    np.testing.assert_array_equal(ran, np.stack(expected)[: len(ran)])
+    for answer, want in zip(answers, expected, strict=True):
+        np.testing.assert_array_equal(answer, want.reshape(-1)[:2])

@@ -66,6 +66,8 @@ class Classifier:
             observer=observer,
         )
         self.active = 0  # requests between admission and their answer
+        #: Images wait for their batch as uint8 pixels (the batcher normalises them).
+        self.queues_pixels = getattr(batcher, "normalize", None) is not None
         self.max_pixels = max_pixels
         self.inline_decode_max_pixels = inline_decode_max_pixels
         self.observer = observer
@@ -112,7 +114,8 @@ class Classifier:
         return await self.classify_tensor(inputs.tensor, ctx)
 
     async def preprocess(self, blobs: Sequence[bytes], names: Sequence[str] = ()) -> np.ndarray:
-        """Encoded images -> float32 (N, C, H, W), exactly as in training."""
+        """Encoded images -> float32 (N, C, H, W), exactly as in training; or, when the
+        batcher normalises on its own thread, their uint8 pixels (N, H, W, C)."""
         try:
             return await decode.preprocess_images_async(
                 blobs,
@@ -121,6 +124,7 @@ class Classifier:
                 inline_max_pixels=self.inline_decode_max_pixels,
                 names=names,
                 observer=self.observer,
+                normalized=not self.queues_pixels,
             )
         except ImageTooLargeError as exc:
             raise ImageTooLarge(str(exc)) from exc

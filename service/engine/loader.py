@@ -14,12 +14,14 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import gc
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from sepconv.preprocess import normalize
 from service.engine.batcher import Batcher
 from service.engine.classifier import Classifier
 from service.engine.lanes import Lanes, lower_thread_priority
@@ -158,6 +160,7 @@ class Loader:
             max_queue_size=s.max_queue_size,
             timeout_s=s.request_timeout_s,
             item_shape=runtime.input_shape,
+            normalize=functools.partial(normalize, spec=runtime.spec),
             lanes=self.lanes,
             inline_max_s=s.inline_inference_max_ms / 1000,
             observer=observer,

@@ -122,6 +122,7 @@ async def _cost(runtime: ModelRuntime, fmt: Format, profile: bool, runs: int) ->
                 code="profile_busy",
                 retry_after_s=2,
             )
+
         def measure():
             return profile_model(
                 runtime.model_bytes(),
