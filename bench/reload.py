@@ -111,6 +111,19 @@ def index(server: ServerProcess) -> list[dict[str, str]]:
     return _post(f"{server.base_url}/v2/repository/index")[1]
 
 
+def refusal_reasons(server: ServerProcess) -> dict[str, float]:
+    """Images the server refused or gave up on, by reason, from its own metrics."""
+    with urllib.request.urlopen(f"{server.base_url}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    reasons: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("sepconv_batch_rejected_total{"):
+            labels, _, value = line.rpartition(" ")
+            reason = labels.split('reason="', 1)[1].split('"', 1)[0]
+            reasons[reason] = reasons.get(reason, 0.0) + float(value)
+    return reasons
+
+
 def _wait_ready_version(server: ServerProcess, version: int, timeout_s: float) -> bool:
     """True once ``bench`` version ``version`` is READY everywhere and alone."""
     deadline = time.monotonic() + timeout_s
@@ -220,6 +233,7 @@ def _phase(
             thread.join()
             harness.log_point(during.summary(), f"{phase} swaps ")
             entries = index(server)
+            refused = refusal_reasons(server)
         finally:
             sampler.stop()
     return {
@@ -228,6 +242,7 @@ def _phase(
         "swaps_window": during.summary(),
         "swaps": swaps,
         "index_after": entries,
+        "refusal_reasons": refused,
         "non_200": steady.error_count + during.error_count,
         "error_kinds": dict(steady.errors + during.errors),
         "p99_ratio": round(during.latency_ms(99) / steady.latency_ms(99), 2),

@@ -103,7 +103,7 @@ class Loader:
     async def load(self, name: str, vf: VersionFile, *, replaces: Served | None) -> Served:
         """``vf`` loaded, checked, warm and batching; :class:`ModelLoadError` says why not.
         ``replaces``: the newest version serving now, whose contract the new one must keep."""
-        runtime, full_batch_s, single_s = await asyncio.get_running_loop().run_in_executor(
+        runtime, largest_run, single_s = await asyncio.get_running_loop().run_in_executor(
             self._thread, self._session, name, vf
         )
         if replaces is not None:
@@ -119,25 +119,31 @@ class Loader:
         # and the index, not as a model with empty engine series.
         observer = runtime.observer = self.observer_for(name, vf.version)
         runtime.alone = self.lanes.alone
-        classifier = self._classifier(runtime, observer, full_batch_s, single_s)
+        classifier = self._classifier(runtime, observer, largest_run, single_s)
         classifier.batcher.start()
         # What the warm-up's largest batches took is free again: back to the system with it.
         await asyncio.to_thread(release_freed_memory)
         return Served(name, vf.version, classifier, vf.fingerprint)
 
-    def _session(self, name: str, vf: VersionFile) -> tuple[ModelRuntime, float, float]:
-        """On the loader thread: the checked, warm session, and the seconds a full batch and a
-        single image take on it now."""
+    def _session(
+        self, name: str, vf: VersionFile
+    ) -> tuple[ModelRuntime, tuple[int, float], float]:
+        """On the loader thread: the checked, warm session; the seconds its largest run takes
+        now, with its images; and the seconds a single image takes."""
         s = self.settings
         runtime = open_runtime(s, vf.path, name=name, version=vf.version)
         try:
             if s.run_memory_mb:
                 runtime.limit_run_memory(s.run_memory_mb * 2**20)
-            runtime.warm_up((1, s.max_batch_size), runs=s.warmup_runs)
+            # The shapes ORT will see: one image, the largest run, and the last piece of a
+            # full batch; warming a whole batch of pieces would only repeat them (and a load
+            # under traffic competes for the cores with the versions serving).
+            rows = min(s.max_batch_size, runtime.max_run_rows)
+            runtime.warm_up((1, rows, s.max_batch_size % rows or rows), runs=s.warmup_runs)
             # Admission control predicts waits from the measured time per image; until
-            # requests have been measured, a full batch timed now stands in. The single-image
-            # time decides whether a lone request may run on the event loop.
-            return runtime, runtime.time_batch(s.max_batch_size), runtime.time_batch(1)
+            # requests have been measured, the largest run timed now stands in. The
+            # single-image time decides whether a lone request may run on the event loop.
+            return runtime, (rows, runtime.time_batch(rows)), runtime.time_batch(1)
         except ModelLoadError:
             runtime.close()
             raise
@@ -149,7 +155,7 @@ class Loader:
         self,
         runtime: ModelRuntime,
         observer: EngineObserver,
-        full_batch_s: float,
+        largest_run: tuple[int, float],
         single_s: float,
     ) -> Classifier:
         s = self.settings
@@ -165,7 +171,7 @@ class Loader:
             inline_max_s=s.inline_inference_max_ms / 1000,
             observer=observer,
         )
-        batcher.record_batch(s.max_batch_size, full_batch_s)
+        batcher.record_batch(*largest_run)
         batcher.single_image_s = single_s
         return Classifier(
             runtime,
