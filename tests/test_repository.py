@@ -523,3 +523,17 @@ def test_admission_counts_every_models_work_on_the_shared_lanes():
     wait_b, after = asyncio.run(scenario())
     assert wait_b == pytest.approx(0.5)  # B waits behind A's work on the same core
     assert after == 0.0  # A unloaded: its work no longer counts
+
+
+def test_a_new_version_starts_from_the_timings_of_the_one_it_replaces(tmp_path, versions):
+    """Timed on the loader's low-priority thread under load, a new version's first figure can
+    be many times its real cost; admission control would then refuse what it could serve."""
+    place(tmp_path, NAME, "1", versions["1"])
+    with TestClient(create_app(settings(tmp_path))) as c:
+        old = c.app.state.repository.lookup(NAME).classifier.batcher
+        old.image_seconds, old.nominal_image_seconds = 0.0123, 0.0111
+        place(tmp_path, NAME, "2", versions["2"])
+        assert c.post(f"/v2/repository/models/{NAME}/load").status_code == 200
+        new = c.app.state.repository.lookup(NAME).classifier.batcher
+        assert new is not old
+        assert (new.image_seconds, new.nominal_image_seconds) == (0.0123, 0.0111)
