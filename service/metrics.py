@@ -230,6 +230,14 @@ class PrometheusObserver(EngineObserver):
             stages[3].inc(ctx.postprocess_s)
 
 
+def _changed() -> None:
+    """Which versions serve is written for every worker's /metrics at once, not with the next
+    batch of values: a load or unload answers only once every worker has applied it, and
+    its metrics must say so by then."""
+    if metric_values.installed():
+        metric_values.flush()
+
+
 class RepositoryMetrics(RepositoryObserver):
     """Loads, failed loads and unloads, and which versions are serving (``sepconv_model_info``)."""
 
@@ -242,6 +250,7 @@ class RepositoryMetrics(RepositoryObserver):
         extra = (runtime.providers[0], runtime.spec.precision)
         self._info[(name, version)] = extra
         MODEL_INFO.labels(name, version, *extra).set(1)
+        _changed()
 
     def model_load_failed(self, name: str, version: str, reason: str) -> None:
         MODEL_LOADS.labels(name, version, "failed").inc()
@@ -252,6 +261,7 @@ class RepositoryMetrics(RepositoryObserver):
             # 0, not removed: prometheus_client cannot remove a series from other processes'
             # files, and "was serving, is not" is worth seeing.
             MODEL_INFO.labels(name, version, *extra).set(0)
+        _changed()
 
 
 Counters = dict[str, tuple[float, float]]
