@@ -142,9 +142,7 @@ class Loader:
         await asyncio.to_thread(release_freed_memory)
         return Served(name, vf.version, classifier, vf.fingerprint)
 
-    def _session(
-        self, name: str, vf: VersionFile
-    ) -> tuple[ModelRuntime, tuple[int, float], float]:
+    def _session(self, name: str, vf: VersionFile) -> tuple[ModelRuntime, tuple[int, float], float]:
         """On the loader thread: the checked, warm session; the seconds its largest run takes
         now, with its images; and the seconds a single image takes."""
         s = self.settings
