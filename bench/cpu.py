@@ -26,7 +26,7 @@ from bench import harness, loadgen, report
 from bench.harness import Args, Workload
 from bench.models import BenchModel
 from bench.photos import service_module
-from bench.server import ServerProcess
+from bench.server import ServerProcess, group_stat_fields
 from bench.targets import ENDPOINTS, target_for
 
 log = harness.log
@@ -46,19 +46,9 @@ QUICK_REQUESTS = 2_000
 
 def process_group_cpu(pgid: int) -> float:
     """CPU seconds (user + system, every thread) of every live process in ``pgid``."""
-    total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # the process ended meanwhile
-        # fields[0] is the state (field 3 of stat): pgrp is field 5, utime 14 and stime 15.
-        if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+    # utime and stime are fields 14 and 15 of stat.
+    ticks = sum(int(f[11]) + int(f[12]) for f in group_stat_fields(pgid))
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _endpoints(text: str) -> list[str]:

@@ -33,6 +33,7 @@ from bench import harness, hey, loadgen, raw_ort, report
 from bench.cpu import process_group_cpu
 from bench.harness import Args, Workload
 from bench.models import BenchModel
+from bench.server import group_stat_fields
 from bench.targets import add_endpoint_argument, target_for
 
 log = harness.log
@@ -55,20 +56,8 @@ RSS_INTERVAL_S = 0.5
 
 def process_group_rss(pgid: int) -> int:
     """Resident bytes of every process in ``pgid`` (the server and its workers)."""
-    total = 0
-    page = os.sysconf("SC_PAGE_SIZE")
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # the process ended meanwhile
-        # fields[0] is the state (field 3 of stat); pgrp is field 5, rss (pages) field 24.
-        if int(fields[2]) == pgid:
-            total += int(fields[21]) * page
-    return total
+    # rss (pages) is field 24 of stat.
+    return sum(int(f[21]) for f in group_stat_fields(pgid)) * os.sysconf("SC_PAGE_SIZE")
 
 
 class RssSampler(threading.Thread):

@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -220,3 +221,19 @@ def _workers(env: dict[str, str]) -> int:
 
     value = env.get("SEPCONV_WORKERS", "auto")
     return Settings(workers=value if value == "auto" else int(value)).resolved_workers
+
+
+def group_stat_fields(pgid: int) -> Iterator[list[str]]:
+    """The ``/proc/<pid>/stat`` fields after the command name (``fields[0]`` is the state,
+    field 3 of stat) of every live process in the process group ``pgid``: a server and its
+    workers, started in a session of their own."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended meanwhile
+        if int(fields[2]) == pgid:  # pgrp is field 5
+            yield fields
