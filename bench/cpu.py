@@ -238,10 +238,6 @@ def summarize(points: list[dict[str, Any]], compare: str | None) -> list[dict[st
     return rows
 
 
-def _runs(values: list[Any], digits: int = 0) -> str:
-    return " / ".join("-" if v is None else f"{v:,.{digits}f}" for v in values)
-
-
 def markdown(results: dict[str, Any]) -> str:
     env = results["environment"]
     compare = env.get("compare_tree")
@@ -278,20 +274,21 @@ def markdown(results: dict[str, Any]) -> str:
                 other = row.get("compare", {})
                 lines.append(
                     f"| {row['endpoint']} | {row['concurrency']} | "
-                    f"{_runs(other.get('server_cpu_us_per_req', []))} | "
-                    f"{_runs(this.get('server_cpu_us_per_req', []))} | "
-                    f"{_runs(row.get('cpu_ratios', []), 2)} | "
+                    f"{report.runs(other.get('server_cpu_us_per_req', []))} | "
+                    f"{report.runs(this.get('server_cpu_us_per_req', []))} | "
+                    f"{report.runs(row.get('cpu_ratios', []), 2)} | "
                     f"**{row.get('cpu_ratio', float('nan')):.2f}x** | "
-                    f"{_runs(other.get('req_per_s', []))} | {_runs(this.get('req_per_s', []))} | "
+                    f"{report.runs(other.get('req_per_s', []))} | "
+                    f"{report.runs(this.get('req_per_s', []))} | "
                     f"{this.get('median_client_cpu_us_per_req') or 0:,.0f} | "
                     f"{sum(other.get('errors', [])) + sum(this.get('errors', []))} |"
                 )
             else:
                 lines.append(
                     f"| {row['endpoint']} | {row['concurrency']} | "
-                    f"{_runs(this['server_cpu_us_per_req'])} | "
+                    f"{report.runs(this['server_cpu_us_per_req'])} | "
                     f"**{this['median_server_cpu_us_per_req'] or 0:,.0f}** | "
-                    f"{_runs(this['req_per_s'])} | "
+                    f"{report.runs(this['req_per_s'])} | "
                     f"{this['median_client_cpu_us_per_req'] or 0:,.0f} | {sum(this['errors'])} |"
                 )
         lines.append("")

@@ -225,10 +225,6 @@ def _fmt_bytes(n: float) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
 
 
-def _fmt_runs(values: list[float], digits: int = 1) -> str:
-    return " / ".join(f"{v:,.{digits}f}" for v in values)
-
-
 def markdown(results: dict[str, Any]) -> str:
     env = results["environment"]
     compare = env.get("compare_tree")
@@ -264,18 +260,18 @@ def markdown(results: dict[str, Any]) -> str:
                 other = row.get("compare", {})
                 lines.append(
                     f"| {row['size']} | {size} | {row['concurrency']} | "
-                    f"{_fmt_runs(other.get('img_per_s', []))} | "
-                    f"{_fmt_runs(this.get('img_per_s', []))} | "
-                    f"{_fmt_runs(row.get('round_ratios', []), 2)} | "
+                    f"{report.runs(other.get('img_per_s', []), 1)} | "
+                    f"{report.runs(this.get('img_per_s', []), 1)} | "
+                    f"{report.runs(row.get('round_ratios', []), 2)} | "
                     f"**{row.get('ratio', float('nan')):.2f}x** | "
-                    f"{_fmt_runs(other.get('p99_ms', []), 0)} | "
-                    f"{_fmt_runs(this.get('p99_ms', []), 0)} | "
+                    f"{report.runs(other.get('p99_ms', []), 0)} | "
+                    f"{report.runs(this.get('p99_ms', []), 0)} | "
                     f"{other.get('errors', 0) + this.get('errors', 0)} |"
                 )
             else:
                 lines.append(
                     f"| {row['size']} | {size} | {row['concurrency']} | "
-                    f"{_fmt_runs(this['img_per_s'])} | {_fmt_runs(this['p99_ms'], 0)} | "
+                    f"{report.runs(this['img_per_s'], 1)} | {report.runs(this['p99_ms'], 0)} | "
                     f"{this['errors']} |"
                 )
         lines.append("")

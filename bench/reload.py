@@ -430,7 +430,6 @@ WORKLOAD = Workload(
     load_seconds=load_seconds,
     defaults=DEFAULTS,
     quick=QUICK,
-    report_name="reload",
     plot=plot_rss,
     plot_suffix="_rss",
 )

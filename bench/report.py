@@ -141,3 +141,8 @@ def plot(model: dict[str, Any], path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def runs(values: list, digits: int = 0) -> str:
+    """One figure per round, ``a / b / c`` ("-" for a round that has none)."""
+    return " / ".join("-" if v is None else f"{v:,.{digits}f}" for v in values)

@@ -185,10 +185,6 @@ class ModelRepository:
         loaded = sorted(name for name, versions in self._served.items() if versions)
         return loaded[0] if loaded else None
 
-    def models(self) -> list[str]:
-        """Every model the repository holds or serves, by name."""
-        return sorted(set(self._known) | set(self._served))
-
     def versions(self, name: str) -> list[str]:
         """The versions of ``name`` loaded now, ascending."""
         return sorted(self._served.get(name, {}), key=version_key)
@@ -314,9 +310,9 @@ class ModelRepository:
     def _local_index(self) -> list[IndexEntry]:
         entries: dict[tuple[str, str], IndexEntry] = dict(self._status)
         for name, versions in self._served.items():
-            for version, served in versions.items():
-                state = State.UNLOADING if served.retiring else State.READY
-                entries[(name, version)] = IndexEntry(name, version, state)
+            for version in versions:
+                # A version being unloaded has left _served; its UNLOADING entry is in _status.
+                entries[(name, version)] = IndexEntry(name, version, State.READY)
         for name in self._known:
             if not any(n == name for n, _ in entries):
                 entries[(name, "")] = IndexEntry(name, "", State.UNAVAILABLE, "unloaded")
